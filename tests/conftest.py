@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from vllm_kimi_neuron.checkpoint import convert_to_bf16
+from vllm_kimi_neuron.convert import convert
 from vllm_kimi_neuron.tiny import make_tiny
 
 # Everything the tests load is made locally; a hub lookup would be a bug (and there is no network).
@@ -21,4 +21,4 @@ def tiny_fp8(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_bf16(tiny_fp8: Path) -> Path:
-    return convert_to_bf16(tiny_fp8, tiny_fp8.parent / "bf16")
+    return convert(tiny_fp8, tiny_fp8.parent / "bf16", "bf16", show_progress=False)

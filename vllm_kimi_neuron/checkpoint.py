@@ -1,24 +1,25 @@
-"""Reading and writing sharded safetensors checkpoints in the Hugging Face layout.
+"""Reading and writing sharded safetensors checkpoints.
 
-One owner for the checkpoint's file format: the ``model.safetensors.index.json`` map from tensor
-name to shard, shard-at-a-time streaming, and writing outputs so that a half-written directory can
-never be taken for a complete one (temporary names, atomic renames, the index written last).
+One owner for the file format: the ``model.safetensors.index.json`` map from tensor name to shard,
+tensor-at-a-time reads with errors that name the file and tensor, writes under temporary names
+renamed into place, checksums, and byte-level merging of safetensors files.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
-import shutil
-from collections.abc import Callable, Iterator
+import os
+import re
+import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-
-from .config import KimiConfig
-from .fp8 import FP8_DTYPE, SCALE_SUFFIX, dequantize_blockwise
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -62,30 +63,46 @@ class CheckpointIndex:
         return sorted(n for n, s in self.weight_map.items() if s == shard)
 
     def load(self, names: list[str]) -> dict[str, torch.Tensor]:
-        """Load the named tensors, opening each shard once; errors name the tensor and file."""
-        by_shard: dict[str, list[str]] = {}
-        for name in names:
-            if name not in self.weight_map:
-                raise CheckpointError(f"{self.root / INDEX_NAME}: no tensor named {name!r}")
-            by_shard.setdefault(self.weight_map[name], []).append(name)
-        out: dict[str, torch.Tensor] = {}
-        for shard, shard_names in by_shard.items():
-            path = self.root / shard
-            with _open_shard(path) as f:
-                present = set(f.keys())
-                for name in shard_names:
-                    if name not in present:
-                        raise CheckpointError(
-                            f"{path}: the index says it holds {name!r}, but the file has no such tensor"
-                        )
-                    try:
-                        out[name] = f.get_tensor(name)
-                    except Exception as exc:  # safetensors raises its own error types for bad data
-                        raise CheckpointError(f"{path}: cannot read tensor {name!r}: {exc}") from None
-        return out
+        """Load the named tensors; errors name the tensor and the file."""
+        with ShardReader(self) as reader:
+            return {name: reader.get(name) for name in names}
 
 
-def _open_shard(path: Path):  # noqa: ANN202 -- safe_open's handle type is private
+class ShardReader:
+    """Reads tensors one at a time, keeping each shard open until the reader is closed."""
+
+    def __init__(self, index: CheckpointIndex) -> None:
+        self.index = index
+        self._handles: dict[str, Any] = {}
+
+    def get(self, name: str) -> torch.Tensor:
+        shard = self.index.weight_map.get(name)
+        if shard is None:
+            raise CheckpointError(f"{self.index.root / INDEX_NAME}: no tensor named {name!r}")
+        path = self.index.root / shard
+        if shard not in self._handles:
+            handle = _open_shard(path)
+            self._handles[shard] = (handle, set(handle.keys()))
+        handle, present = self._handles[shard]
+        if name not in present:
+            raise CheckpointError(
+                f"{path}: the index says it holds {name!r}, but the file has no such tensor")
+        try:
+            return handle.get_tensor(name)
+        except Exception as exc:  # safetensors raises its own error types for bad data
+            raise CheckpointError(f"{path}: cannot read tensor {name!r}: {exc}") from None
+
+    def close(self) -> None:
+        self._handles.clear()
+
+    def __enter__(self) -> ShardReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _open_shard(path: Path) -> Any:  # safe_open's handle type is not exported
     try:
         return safe_open(str(path), framework="pt")
     except Exception as exc:
@@ -107,9 +124,22 @@ def assign_shards(groups: dict[str, int], num_shards: int) -> dict[str, str]:
 
 
 def write_shard(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    """Write one safetensors file under a temporary name and rename it into place."""
+    """Write one safetensors file under a temporary name and rename it into place.
+
+    safetensors reports I/O failures as its own error type with the OS error number in the text;
+    they are turned back into ``OSError`` so callers can tell a full disk from a bad tensor.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".partial")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
+    except Exception as exc:
+        tmp.unlink(missing_ok=True)
+        m = re.search(r"os error (\d+)", str(exc))
+        if m and not isinstance(exc, OSError):
+            code = int(m.group(1))
+            raise OSError(code, os.strerror(code), str(tmp)) from exc
+        raise
     tmp.chmod(0o644)  # safetensors creates 0600; servers often run as another user
     tmp.replace(path)
 
@@ -127,98 +157,76 @@ def write_index(root: Path, weight_map: dict[str, str], total_size: int) -> None
     )
 
 
-def _tensor_bytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
+_OUT_OF_SPACE = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
 
 
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "I64": 8, "I32": 4, "BF16": 2, "F16": 2, "F8_E4M3": 1, "U8": 1}
+def out_of_space_error(path: Path, exc: OSError) -> CheckpointError:
+    """The error to raise when writing ``path`` failed for lack of space."""
+    return CheckpointError(
+        f"{path}: no space left while writing ({exc.strerror}); free space on that filesystem and "
+        "rerun the same command: finished files are kept and not redone"
+    )
 
 
-def shard_tensor_bytes(path: Path) -> dict[str, int]:
-    """Byte size of every tensor in a shard, from its header alone (no tensor data is read)."""
-    with _open_shard(path) as f:
-        out = {}
-        for name in f.keys():  # noqa: SIM118 -- safe_open is not iterable
-            sl = f.get_slice(name)
-            numel = 1
-            for d in sl.get_shape():
-                numel *= d
-            out[name] = numel * _DTYPE_BYTES[sl.get_dtype()]
-        return out
+def is_out_of_space(exc: OSError) -> bool:
+    return exc.errno in _OUT_OF_SPACE
 
 
-def dequantize_shard(
-    index: CheckpointIndex, shard: str, block: tuple[int, int]
-) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield the shard's tensors with FP8 weights dequantised to BF16 and scale tensors dropped."""
-    names = index.tensors_in(shard)
-    tensors = index.load(names)
-    for name in names:
-        if name.endswith(SCALE_SUFFIX):
-            weight = name[: -len(SCALE_SUFFIX)] + "weight"
-            if weight not in index.weight_map:
-                raise CheckpointError(f"{index.root / shard}: {name!r} has no matching {weight!r}")
-            continue
-        t = tensors[name]
-        if t.dtype == FP8_DTYPE:
-            scale_name = name[: -len("weight")] + SCALE_SUFFIX
-            if scale_name not in index.weight_map:
-                raise CheckpointError(
-                    f"{index.root / shard}: FP8 tensor {name!r} has no {scale_name!r}; "
-                    "the checkpoint is incomplete or not in the block-FP8 format"
-                )
-            scale = tensors.get(scale_name)
-            if scale is None:
-                scale = index.load([scale_name])[scale_name]
-            try:
-                t = dequantize_blockwise(t, scale, block)
-            except ValueError as exc:
-                raise CheckpointError(f"{index.root / shard}: {name!r}: {exc}") from None
-        yield name, t
+def file_digest(path: Path, chunk: int = 1 << 24) -> dict[str, object]:
+    """sha256 and size of a file, read in 16 MiB chunks."""
+    h = hashlib.sha256()
+    size = 0
+    with path.open("rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+            size += len(block)
+    return {"sha256": h.hexdigest(), "bytes": size}
 
 
-def convert_to_bf16(
-    src: str | Path,
-    dst: str | Path,
-    progress: Callable[[int, int, str], None] | None = None,
-) -> Path:
-    """Dequantise a block-FP8 checkpoint into a BF16 one, one shard at a time.
+def read_header(path: Path) -> tuple[dict[str, dict], int]:
+    """A safetensors file's header (tensor name -> dtype/shape/offsets) and where its data starts."""
+    with path.open("rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise CheckpointError(f"{path}: truncated: shorter than a safetensors header")
+        (n,) = struct.unpack("<Q", raw)
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise CheckpointError(f"{path}: corrupt safetensors header") from None
+    header.pop("__metadata__", None)
+    return header, 8 + n
 
-    Output shards keep their input names. A shard already present in ``dst`` is complete (it was
-    renamed into place only after being written whole), so a rerun after an interruption continues
-    where it stopped. ``config.json`` and the index are written last: until they exist, no loader
-    sees ``dst`` as a model.
-    """
-    src, dst = Path(src), Path(dst)
-    config = KimiConfig.from_dir(src)
-    if config.quantization is None:
-        raise CheckpointError(f"{src / 'config.json'} has no quantization_config: nothing to dequantise")
-    index = CheckpointIndex.open(src)
-    dst.mkdir(parents=True, exist_ok=True)
-    weight_map: dict[str, str] = {}
-    total_size = 0
-    shards = index.shards
-    for i, shard in enumerate(shards):
-        out_path = dst / shard
-        if out_path.exists():
-            sizes = shard_tensor_bytes(out_path)
-            weight_map.update({n: shard for n in sizes})
-            total_size += sum(sizes.values())
-        else:
-            tensors = dict(dequantize_shard(index, shard, config.quantization.block))
-            write_shard(out_path, tensors)
-            weight_map.update({n: shard for n in tensors})
-            total_size += sum(_tensor_bytes(t) for t in tensors.values())
-        if progress is not None:
-            progress(i + 1, len(shards), shard)
-    for item in sorted(src.iterdir()):
-        if item.is_file() and not item.name.endswith(".safetensors") and item.name not in (
-            INDEX_NAME,
-            "config.json",
-        ):
-            shutil.copy2(item, dst / item.name)
-    write_index(dst, weight_map, total_size)
-    raw = json.loads((src / "config.json").read_text())
-    raw.pop("quantization_config")
-    write_json(dst / "config.json", raw)
-    return dst
+
+def merge_safetensors(parts: list[Path], out: Path) -> None:
+    """Concatenate safetensors files into one by copying their bytes (memory stays constant)."""
+    entries: dict[str, dict] = {}
+    sources: list[tuple[Path, int, int]] = []
+    offset = 0
+    for part in parts:
+        header, start = read_header(part)
+        end = max((t["data_offsets"][1] for t in header.values()), default=0)
+        for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+            if name in entries:
+                raise CheckpointError(f"{part}: tensor {name!r} also appears in an earlier part")
+            b, e = info["data_offsets"]
+            entries[name] = {**info, "data_offsets": [b + offset, e + offset]}
+        sources.append((part, start, end))
+        offset += end
+    blob = json.dumps({"__metadata__": {"format": "pt"}, **entries}, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # keep the data section 8-byte aligned
+    tmp = out.with_name(out.name + ".partial")
+    with tmp.open("wb") as dst:
+        dst.write(struct.pack("<Q", len(blob)) + blob)
+        for part, start, length in sources:
+            with part.open("rb") as src:
+                src.seek(start)
+                left = length
+                while left:
+                    block = src.read(min(left, 1 << 24))
+                    if not block:
+                        raise CheckpointError(f"{part}: truncated: data ends {left} bytes early")
+                    dst.write(block)
+                    left -= len(block)
+    tmp.chmod(0o644)
+    tmp.replace(out)

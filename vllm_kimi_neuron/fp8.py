@@ -56,3 +56,33 @@ def dequantize_blockwise(
         raise ValueError(f"expected a {FP8_DTYPE} weight, got {weight.dtype}")
     _check_scale_shape(weight.shape, scale_inv, block)
     return (weight.float() * _expand_blocks(scale_inv.float(), weight.shape, block)).to(dtype)
+
+
+# Neuron's FP8 "e4m3" is the IEEE-style variant: exponent 15 encodes inf/NaN, so its largest finite
+# value is 1.875 * 2**7 = 240, where the OCP e4m3fn format of the checkpoint reaches 448. NxDI
+# compiles with --experimental-unsafe-fp8e4m3fn-as-fp8e4m3, which reinterprets e4m3fn bytes as
+# e4m3: any byte with exponent bits 1111 (|x| >= 256) would turn into inf/NaN on device. Values
+# re-quantised for Neuron are therefore scaled so the channel's amax maps to 240 and clamped to
+# +-240 before the cast (240 is exactly representable and rounding is monotone, so no value can
+# round up into exponent 15).
+NEURON_FP8_MAX = 240.0
+
+
+def quantize_per_channel(weight: torch.Tensor, reduce_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric FP8 for Neuron with one float32 scale per output channel.
+
+    ``reduce_dim`` is the input dimension (the one the amax runs over); the scale keeps it as size 1,
+    e.g. experts ``[E, in, out]`` with ``reduce_dim=1`` give scales ``[E, 1, out]``.
+    Rounding error per element is at most ``max(|w| * 2**-4, scale * 2**-10)``: e4m3 keeps 3 mantissa
+    bits (half an ulp is 2**-4 relative) down to 2**-6, below which the subnormal spacing is 2**-9.
+    """
+    w = weight.float()
+    amax = w.abs().amax(dim=reduce_dim, keepdim=True)
+    scale = torch.where(amax > 0, amax / NEURON_FP8_MAX, torch.ones_like(amax))
+    q = (w / scale).clamp(-NEURON_FP8_MAX, NEURON_FP8_MAX).to(FP8_DTYPE)
+    return q, scale
+
+
+def dequantize_per_channel(weight: torch.Tensor, scale: torch.Tensor,
+                           dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return (weight.float() * scale.float()).to(dtype)

@@ -312,10 +312,14 @@ def _layer_group(cfg: KimiConfig, name: str) -> int:
     return 0 if name.startswith("model.embed_tokens") else cfg.num_hidden_layers
 
 
-def make_tiny(out: str | Path, seed: int = 0, preset: str = DEFAULT_PRESET) -> Path:
-    """Write a tiny FP8 checkpoint to ``out`` (complete only once config.json exists)."""
+def make_tiny(out: str | Path, seed: int = 0, preset: str = DEFAULT_PRESET,
+              config: KimiConfig | None = None) -> Path:
+    """Write a tiny FP8 checkpoint to ``out`` (complete only once config.json exists).
+
+    ``config`` replaces the preset's shapes, e.g. for the multi-GB checkpoints of benchmarks.
+    """
     out = Path(out)
-    cfg = tiny_config(preset)
+    cfg = config if config is not None else tiny_config(preset)
     out.mkdir(parents=True, exist_ok=True)
     tensors = to_checkpoint_dtypes(cfg, random_state_dict(cfg, seed))
     weight_map = assign_shards({n: _layer_group(cfg, n) for n in tensors}, NUM_SHARDS)
@@ -330,7 +334,7 @@ def make_tiny(out: str | Path, seed: int = 0, preset: str = DEFAULT_PRESET) -> P
         "do_sample": True,
         "temperature": 0.6,
     })
-    write_json(out / PROVENANCE, {"preset": preset, "seed": seed,
+    write_json(out / PROVENANCE, {"preset": preset if config is None else "custom", "seed": seed,
                                   "shapes": dataclasses.asdict(cfg)})
     write_json(out / "config.json", cfg.to_dict())
     return out

@@ -1,0 +1,242 @@
+import json
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from vllm_kimi_neuron.checkpoint import INDEX_NAME, CheckpointError, CheckpointIndex
+from vllm_kimi_neuron.config import KimiConfig
+from vllm_kimi_neuron.convert import MANIFEST, RANK_FILE, STATE, VerifyError, convert, reshard, verify
+from vllm_kimi_neuron.fp8 import FP8_DTYPE, NEURON_FP8_MAX, dequantize_blockwise
+from vllm_kimi_neuron.layout import EXPERTS, LayoutError, ParallelLayout
+from vllm_kimi_neuron.tiny import make_tiny, tiny_config
+
+CLI = [str(Path(sys.executable).parent / "kimi-neuron")]
+
+
+@pytest.fixture(scope="module")
+def neuron_flat(tiny_fp8: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return convert(tiny_fp8, tmp_path_factory.mktemp("nf") / "out", "neuron-fp8", show_progress=False)
+
+
+def _load_all(root: Path) -> dict[str, torch.Tensor]:
+    index = CheckpointIndex.open(root)
+    return index.load(sorted(index.weight_map))
+
+
+def _rank_tensors(root: Path, layout: ParallelLayout) -> dict[str, list[torch.Tensor]]:
+    out: dict[str, list[torch.Tensor]] = {}
+    for rank in range(layout.tp):
+        with safe_open(str(root / RANK_FILE.format(rank=rank)), "pt") as f:
+            for name in f.keys():  # noqa: SIM118 -- safe_open is not iterable
+                out.setdefault(name, []).append(f.get_tensor(name))
+    return out
+
+
+def test_bf16_equals_blockwise_dequantisation(tiny_fp8: Path, tiny_bf16: Path) -> None:
+    src, out = CheckpointIndex.open(tiny_fp8), CheckpointIndex.open(tiny_bf16)
+    assert set(out.weight_map) == {n for n in src.weight_map if not n.endswith("_scale_inv")}
+    assert "quantization_config" not in json.loads((tiny_bf16 / "config.json").read_text())
+    name = "model.layers.2.mlp.experts.3.down_proj.weight"  # 256x128: two row blocks
+    t = src.load([name, name + "_scale_inv"])
+    q, scale = t[name], t[name + "_scale_inv"]
+    expected = torch.cat([q[:128].float() * scale[0, 0], q[128:].float() * scale[1, 0]])
+    assert torch.equal(out.load([name])[name], expected.to(torch.bfloat16))
+    bias = "model.layers.1.mlp.gate.e_score_correction_bias"
+    assert out.load([bias])[bias].dtype == torch.float32
+    for keep in (bias, "lm_head.weight"):
+        assert torch.equal(out.load([keep])[keep], src.load([keep])[keep])
+    assert (tiny_bf16 / "tokenizer.json").read_bytes() == (tiny_fp8 / "tokenizer.json").read_bytes()
+    verify(tiny_bf16)
+
+
+def test_neuron_fp8_experts_requantised_within_bound(tiny_fp8: Path, neuron_flat: Path) -> None:
+    cfg = tiny_config()
+    src, out = CheckpointIndex.open(tiny_fp8), _load_all(neuron_flat)
+    p = f"layers.1.{EXPERTS}"
+    gate_up, gu_scale = out[p + "gate_up_proj.weight"], out[p + "gate_up_proj.scale"]
+    down, down_scale = out[p + "down_proj.weight"], out[p + "down_proj.scale"]
+    e, h, i = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
+    assert gate_up.shape == (e, h, 2 * i) and gu_scale.shape == (e, 1, 2 * i)
+    assert down.shape == (e, i, h) and down_scale.shape == (e, 1, h)
+    assert gate_up.dtype == down.dtype == FP8_DTYPE and gu_scale.dtype == torch.float32
+    for q in (gate_up, down):
+        assert q.float().abs().max() <= NEURON_FP8_MAX
+        assert not torch.any((q.view(torch.uint8) & 0x78) == 0x78), "exponent-15 encodings present"
+
+    def source(expert: int, proj: str) -> torch.Tensor:
+        name = f"model.layers.1.mlp.experts.{expert}.{proj}.weight"
+        t = src.load([name, name + "_scale_inv"])
+        return dequantize_blockwise(t[name], t[name + "_scale_inv"], dtype=torch.float32).T
+
+    for expert in range(e):
+        want = torch.cat([source(expert, "gate_proj"), source(expert, "up_proj")], dim=1)
+        for q, s, w in ((gate_up[expert], gu_scale[expert], want),
+                        (down[expert], down_scale[expert], source(expert, "down_proj"))):
+            got = q.float() * s
+            bound = torch.maximum(w.abs() * 2**-4, s * 2**-10) * (1 + 1e-6)
+            assert torch.all((got - w).abs() <= bound)
+            assert torch.allclose(s.squeeze(0), w.abs().amax(0) / NEURON_FP8_MAX)
+
+
+def test_neuron_fp8_names_and_router_bias(neuron_flat: Path, tiny_fp8: Path) -> None:
+    out = _load_all(neuron_flat)
+    bias = out["layers.1.mlp.router.selection_bias"]
+    assert bias.dtype == torch.float32
+    src = CheckpointIndex.open(tiny_fp8).load(["model.layers.1.mlp.gate.e_score_correction_bias"])
+    assert torch.equal(bias, src["model.layers.1.mlp.gate.e_score_correction_bias"])
+    assert not any("bias" in n and "selection_bias" not in n for n in out)
+    assert out["layers.0.mlp.gate_proj.weight"].dtype == torch.bfloat16  # dense layer stays BF16
+    assert out["layers.1.mlp.shared_experts.down_proj.weight"].dtype == torch.bfloat16
+    assert out["layers.1.self_attn.kv_b_proj.weight"].dtype == torch.bfloat16
+    assert not any(n.startswith("model.") or "experts.0." in n for n in out)
+
+
+@pytest.mark.parametrize(("tp", "moe_ep"), [(1, 1), (2, 1), (4, 1), (4, 2), (4, 4)])
+def test_rank_shards_concatenate_back(tiny_fp8: Path, neuron_flat: Path, tmp_path: Path,
+                                      tp: int, moe_ep: int) -> None:
+    layout = ParallelLayout(tp=tp, moe_ep=moe_ep)
+    sharded = convert(tiny_fp8, tmp_path / "s", "neuron-fp8", layout=layout, show_progress=False)
+    verify(sharded)
+    flat, parts = _load_all(neuron_flat), _rank_tensors(sharded, layout)
+    assert parts.keys() == flat.keys()
+    for name, full in flat.items():
+        assert torch.equal(layout.unshard(name, parts[name]).view(torch.uint8),
+                           full.view(torch.uint8)), name
+
+
+def test_stride_two_split_keeps_gate_and_up_together() -> None:
+    layout = ParallelLayout(tp=2)
+    name = f"layers.1.{EXPERTS}gate_up_proj.weight"
+    gate_up = torch.arange(8.0).view(1, 1, 8)  # gate = 0..3, up = 4..7
+    assert layout.shard(name, gate_up, 0).flatten().tolist() == [0, 1, 4, 5]
+    assert layout.shard(name, gate_up, 1).flatten().tolist() == [2, 3, 6, 7]
+    ep = ParallelLayout(tp=4, moe_ep=2)
+    experts = torch.arange(2 * 8.0).view(2, 1, 8)
+    assert ep.shard(name, experts, 3).flatten().tolist() == [10, 11, 14, 15]  # expert 1, moe-tp 1
+
+
+def test_reshard_equals_fresh_conversion(tiny_fp8: Path, tmp_path: Path) -> None:
+    four = convert(tiny_fp8, tmp_path / "tp4", "neuron-fp8", layout=ParallelLayout(tp=4),
+                   show_progress=False)
+    two = ParallelLayout(tp=2, moe_ep=2)
+    resharded = reshard(four, tmp_path / "re2", two, show_progress=False)
+    fresh = convert(tiny_fp8, tmp_path / "tp2", "neuron-fp8", layout=two, show_progress=False)
+    verify(resharded)
+    a, b = _rank_tensors(resharded, two), _rank_tensors(fresh, two)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert all(torch.equal(x.view(torch.uint8), y.view(torch.uint8)) for x, y in zip(a[name], b[name],
+                                                                                           strict=True))
+
+
+def test_verify_catches_damage(tiny_fp8: Path, neuron_flat: Path, tmp_path: Path) -> None:
+    broken = Path(shutil.copytree(neuron_flat, tmp_path / "b"))
+    layer = broken / "neuron-layer-001.safetensors"
+    data = bytearray(layer.read_bytes())
+    data[-1] ^= 0xFF
+    layer.write_bytes(bytes(data))
+    (broken / "neuron-layer-002.safetensors").unlink()
+    with pytest.raises(VerifyError) as err:
+        verify(broken)
+    text = str(err.value)
+    assert "neuron-layer-001.safetensors: sha256 differs" in text
+    assert "neuron-layer-002.safetensors: missing" in text
+    (broken / MANIFEST).unlink()
+    with pytest.raises(VerifyError, match="not a finished conversion"):
+        verify(broken)
+    with pytest.raises(VerifyError, match="not a finished conversion"):
+        reshard(broken, tmp_path / "never", ParallelLayout(tp=2), show_progress=False)
+
+
+def test_out_dir_with_other_parameters_is_refused(tiny_fp8: Path, tmp_path: Path) -> None:
+    out = tmp_path / "o"
+    (out / STATE).mkdir(parents=True)
+    (out / STATE / "plan.json").write_text(json.dumps({"format": "bf16", "layout": None,
+                                                       "source": {"path": "/elsewhere"}}))
+    with pytest.raises(CheckpointError, match="other parameters"):
+        convert(tiny_fp8, out, "neuron-fp8", show_progress=False)
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "something").write_text("x")
+    with pytest.raises(CheckpointError, match="not empty"):
+        convert(tiny_fp8, tmp_path / "full", "bf16", show_progress=False)
+
+
+def test_bad_layouts_are_explained() -> None:
+    with pytest.raises(LayoutError, match="between 1 and 64"):
+        ParallelLayout(tp=128, lnc=2)
+    with pytest.raises(LayoutError, match="1 or 2"):
+        ParallelLayout(tp=8, lnc=4)
+    with pytest.raises(LayoutError, match="must divide"):
+        ParallelLayout(tp=8, moe_ep=3)
+    with pytest.raises(LayoutError, match="num_attention_heads=4 is not divisible by 8"):
+        ParallelLayout(tp=8).check(tiny_config())
+    ParallelLayout(tp=64, moe_ep=2).check(KimiConfig())  # the real Kimi-K2 fits
+
+
+def test_bad_checkpoints_are_named(tiny_fp8: Path, tiny_bf16: Path, tmp_path: Path) -> None:
+    bad = Path(shutil.copytree(tiny_fp8, tmp_path / "m"))
+    index = json.loads((bad / INDEX_NAME).read_text())
+    del index["weight_map"]["model.layers.1.self_attn.o_proj.weight_scale_inv"]
+    (bad / INDEX_NAME).write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=r"o_proj\.weight_scale_inv"):
+        convert(bad, tmp_path / "o1", "neuron-fp8", show_progress=False)
+    assert not (tmp_path / "o1" / MANIFEST).exists()
+    with pytest.raises(CheckpointError, match="no quantization_config"):
+        convert(tiny_bf16, tmp_path / "o2", "bf16", show_progress=False)
+
+
+def _deep_checkpoint(root: Path) -> Path:
+    """A tiny model with enough layers that a conversion can be killed half-way."""
+    import dataclasses
+
+    return make_tiny(root, seed=5, config=dataclasses.replace(tiny_config(), num_hidden_layers=16,
+                                                              n_routed_experts=32))
+
+
+def test_sigkill_mid_run_then_resume(tmp_path: Path) -> None:
+    src = _deep_checkpoint(tmp_path / "src")
+    out = tmp_path / "out"
+    args = [*CLI, "convert", "--model", str(src), "--out", str(out), "--format", "neuron-fp8", "--tp", "2"]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    done = out / STATE / "done"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and len(list(done.glob("layer-*.json"))) < 3:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    finished = {p.name: p.stat().st_mtime_ns for p in done.glob("*.json")}
+    assert 3 <= len(finished) < 17, "the kill did not land mid-run"
+    assert not (out / MANIFEST).exists()
+    with pytest.raises(VerifyError, match="not a finished conversion"):
+        verify(out)
+    r = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert f"resumed: {len(finished)} groups already done" in r.stderr
+    assert {n: (done / n).stat().st_mtime_ns for n in finished} == finished  # nothing redone
+    verify(out)
+    assert not list(out.rglob("*.partial"))
+
+
+def test_disk_full_is_reported_and_resumable(tiny_fp8: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    args = [*CLI, "convert", "--model", str(tiny_fp8), "--out", str(out), "--format", "bf16"]
+
+    def small_disk() -> None:  # a file-size limit makes writes fail the way a full disk does
+        resource.setrlimit(resource.RLIMIT_FSIZE, (8 << 20, 8 << 20))
+
+    r = subprocess.run(args, capture_output=True, text=True, timeout=300, preexec_fn=small_disk)
+    assert r.returncode == 2, r.stderr
+    assert "no space left" in r.stderr and "rerun the same command" in r.stderr
+    assert "Traceback" not in r.stderr
+    assert not (out / MANIFEST).exists() and not list(out.rglob("*.partial"))
+    r = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    verify(out)

@@ -1,0 +1,545 @@
+"""Offline checkpoint conversion: block-FP8 Kimi-K2 -> ``bf16`` or ``neuron-fp8``, optionally
+pre-sharded per rank; plus ``verify`` and ``reshard``.
+
+Work is split into groups (one per decoder layer, one for embeddings/norm/lm_head). A group is read
+tensor by tensor from the input shards (a layer may span two), converted, written under a temporary
+name, renamed, and recorded in ``.kimi-convert/done/``; a rerun skips recorded groups, so a killed
+conversion resumes where it stopped. Peak memory per worker is about one group's output plus one
+input tensor and its fp32 dequantisation. ``kimi_neuron_manifest.json`` (per-file sha256, every
+tensor's dtype and shape) is written last: without it no loader accepts the directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import sys
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from . import __version__
+from .checkpoint import (
+    INDEX_NAME,
+    CheckpointError,
+    CheckpointIndex,
+    ShardReader,
+    file_digest,
+    is_out_of_space,
+    merge_safetensors,
+    out_of_space_error,
+    read_header,
+    write_index,
+    write_json,
+    write_shard,
+)
+from .config import KimiConfig
+from .fp8 import FP8_DTYPE, SCALE_SUFFIX, dequantize_blockwise, quantize_per_channel
+from .layout import EXPERTS, ParallelLayout, neuron_names
+
+FORMATS = ("bf16", "neuron-fp8")
+MANIFEST = "kimi_neuron_manifest.json"
+STATE = ".kimi-convert"
+RANK_FILE = "weights/tp{rank}_sharded_checkpoint.safetensors"
+_DTYPE_NAMES = {"BF16": "bf16", "F32": "fp32", "F8_E4M3": "fp8", "F16": "fp16"}
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+
+ProgressFn = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class Group:
+    key: str
+    layer: int | None
+    names: tuple[str, ...]
+
+
+def plan_groups(index: CheckpointIndex, cfg: KimiConfig) -> list[Group]:
+    """One group for the embeddings/final norm/lm_head, then one per decoder layer."""
+    by_layer: dict[int | None, list[str]] = {}
+    for name in index.weight_map:
+        m = _LAYER.match(name)
+        by_layer.setdefault(int(m.group(1)) if m else None, []).append(name)
+    extra = sorted(k for k in by_layer if k is not None and k >= cfg.num_hidden_layers)
+    if extra:
+        # DeepSeek-V3's multi-token-prediction layer sits after the last decoder layer; serving
+        # does not use it.
+        print(f"note: skipping layers {extra} (beyond num_hidden_layers={cfg.num_hidden_layers})",
+              file=sys.stderr)
+    missing = [i for i in range(cfg.num_hidden_layers) if i not in by_layer]
+    if missing:
+        raise CheckpointError(f"{index.root / INDEX_NAME}: no tensors for layers {missing}")
+    groups = [Group("globals", None, tuple(sorted(by_layer.get(None, []))))]
+    groups += [Group(f"layer-{i:03d}", i, tuple(sorted(by_layer[i])))
+               for i in range(cfg.num_hidden_layers)]
+    return groups
+
+
+# -- per-group conversion (runs in worker processes) ---------------------------------------------
+
+class _Reader:
+    """Loads one checkpoint tensor at a time, dequantising FP8 weights with their block scales."""
+
+    def __init__(self, index: CheckpointIndex, cfg: KimiConfig) -> None:
+        self.index, self.cfg = index, cfg
+        self.shards = ShardReader(index)
+        self.bytes_read = 0
+
+    def raw(self, name: str) -> torch.Tensor:
+        t = self.shards.get(name)
+        self.bytes_read += t.numel() * t.element_size()
+        return t
+
+    def full(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        t = self.raw(name)
+        if t.dtype != FP8_DTYPE:
+            return t.to(dtype)
+        scale_name = name[: -len("weight")] + SCALE_SUFFIX
+        if scale_name not in self.index.weight_map:
+            raise CheckpointError(
+                f"{self.index.root / self.index.weight_map[name]}: FP8 tensor {name!r} has no "
+                f"{scale_name!r}; the checkpoint is incomplete or not in the block-FP8 format"
+            )
+        assert self.cfg.quantization is not None
+        try:
+            return dequantize_blockwise(t, self.raw(scale_name), self.cfg.quantization.block, dtype)
+        except ValueError as exc:
+            raise CheckpointError(
+                f"{self.index.root / self.index.weight_map[name]}: {name!r}: {exc}") from None
+
+
+def _bf16_group(reader: _Reader, group: Group) -> Iterator[tuple[str, torch.Tensor]]:
+    for name in group.names:
+        if name.endswith("e_score_correction_bias"):
+            yield name, reader.raw(name)  # stays fp32, as in the checkpoint
+        elif not name.endswith(SCALE_SUFFIX):
+            yield name, reader.full(name, torch.bfloat16)
+
+
+def _neuron_group(reader: _Reader, group: Group) -> Iterator[tuple[str, torch.Tensor]]:
+    cfg = reader.cfg
+    expert = re.compile(r"\.mlp\.experts\.\d+\.")
+    for name in group.names:
+        if name.endswith(SCALE_SUFFIX) or expert.search(name):
+            continue
+        short = name.removeprefix("model.")
+        if name.endswith("mlp.gate.weight"):
+            yield short.replace("mlp.gate.weight", "mlp.router.linear_router.weight"), \
+                reader.full(name, torch.bfloat16)
+        elif name.endswith("mlp.gate.e_score_correction_bias"):
+            # Used only to choose experts, never added to the router logits: named accordingly.
+            yield short.replace("mlp.gate.e_score_correction_bias", "mlp.router.selection_bias"), \
+                reader.raw(name).float()
+        else:
+            yield short, reader.full(name, torch.bfloat16)
+    if group.layer is None or not cfg.is_moe_layer(group.layer):
+        return
+    e_count, h, inter = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
+    gate_up = torch.empty(e_count, h, 2 * inter, dtype=FP8_DTYPE)
+    gate_up_scale = torch.empty(e_count, 1, 2 * inter)
+    down = torch.empty(e_count, inter, h, dtype=FP8_DTYPE)
+    down_scale = torch.empty(e_count, 1, h)
+    p = f"model.layers.{group.layer}.mlp.experts."
+    for e in range(e_count):
+        # Transposed to [in, out] as NxD's expert linears keep them; one expert at a time bounds
+        # the fp32 intermediates to a single expert.
+        fused = torch.cat([reader.full(f"{p}{e}.gate_proj.weight", torch.float32).T,
+                           reader.full(f"{p}{e}.up_proj.weight", torch.float32).T], dim=1)
+        gate_up[e], gate_up_scale[e] = quantize_per_channel(fused, reduce_dim=0)
+        down[e], down_scale[e] = quantize_per_channel(
+            reader.full(f"{p}{e}.down_proj.weight", torch.float32).T, reduce_dim=0)
+    prefix = f"layers.{group.layer}.{EXPERTS}"
+    yield prefix + "gate_up_proj.weight", gate_up
+    yield prefix + "gate_up_proj.scale", gate_up_scale
+    yield prefix + "down_proj.weight", down
+    yield prefix + "down_proj.scale", down_scale
+
+
+def _dtype_name(t: torch.Tensor) -> str:
+    return {torch.bfloat16: "bf16", torch.float32: "fp32", FP8_DTYPE: "fp8"}[t.dtype]
+
+
+@dataclass(frozen=True)
+class _Job:
+    src: str
+    dst: str
+    fmt: str
+    layout: dict[str, int] | None
+    group: Group
+    file_name: str
+
+
+def _run_group(job: _Job) -> dict[str, Any]:
+    """Convert one group and record it as done; returns the record."""
+    if os.environ.get("KIMI_NEURON_CONVERT_WORKER_THREADS"):
+        torch.set_num_threads(int(os.environ["KIMI_NEURON_CONVERT_WORKER_THREADS"]))
+    cfg = KimiConfig.from_dir(job.src)
+    reader = _Reader(CheckpointIndex.open(job.src), cfg)
+    convert_fn = _bf16_group if job.fmt == "bf16" else _neuron_group
+    with reader.shards:
+        tensors = dict(convert_fn(reader, job.group))
+    dst = Path(job.dst)
+    files: dict[str, Path] = {}
+    if job.layout is None:
+        files[job.file_name] = dst / job.file_name
+        outputs = {job.file_name: tensors}
+    else:
+        layout = ParallelLayout(**job.layout)
+        outputs = {}
+        for rank in range(layout.tp):
+            rel = f"{STATE}/parts/{job.group.key}.rank{rank:03d}.safetensors"
+            files[rel] = dst / rel
+            outputs[rel] = {n: layout.shard(n, t, rank) for n, t in tensors.items()}
+    for rel, part in outputs.items():
+        try:
+            write_shard(files[rel], part)
+        except OSError as exc:
+            if is_out_of_space(exc):
+                raise out_of_space_error(files[rel], exc) from None
+            raise
+    record = {
+        "files": {rel: file_digest(path) for rel, path in files.items()},
+        "tensors": {n: [_dtype_name(t), list(t.shape)] for n, t in tensors.items()},
+        "bytes_in": reader.bytes_read,
+    }
+    write_json(dst / STATE / "done" / f"{job.group.key}.json", record)
+    return record
+
+
+# -- orchestration --------------------------------------------------------------------------------
+
+class Progress:
+    """Bytes done out of a total, with rate and ETA, on one stderr line (one line per update
+    when stderr is not a terminal, so logs stay readable)."""
+
+    def __init__(self, total: int, what: str) -> None:
+        self.total, self.what, self.done = total, what, 0
+        self.start = time.monotonic()
+        self.tty = sys.stderr.isatty()
+
+    def update(self, n: int, note: str = "") -> None:
+        self.done += n
+        elapsed = max(time.monotonic() - self.start, 1e-9)
+        rate = self.done / elapsed
+        eta = (self.total - self.done) / rate if rate > 0 else float("inf")
+        pct = 100.0 * self.done / self.total if self.total else 100.0
+        line = (f"{self.what}: {pct:5.1f}% {self.done / 1e9:.2f}/{self.total / 1e9:.2f} GB "
+                f"{rate / 1e6:.0f} MB/s ETA {eta:.0f} s {note}")
+        print(("\r" + line.ljust(100)) if self.tty else line, end="" if self.tty else "\n",
+              file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.tty:
+            print(file=sys.stderr)
+
+
+def _plan_record(src: Path, fmt: str, layout: ParallelLayout | None) -> dict[str, Any]:
+    return {
+        "format": fmt,
+        "layout": None if layout is None else layout.to_dict(),
+        "source": {
+            "path": str(src.resolve()),
+            "config_sha256": file_digest(src / "config.json")["sha256"],
+            "index_sha256": file_digest(src / INDEX_NAME)["sha256"] if (src / INDEX_NAME).exists() else None,
+        },
+    }
+
+
+def _start_state(dst: Path, plan: dict[str, Any]) -> None:
+    """Create or re-enter the state directory; refuse to mix two different conversions."""
+    state = dst / STATE
+    plan_path = state / "plan.json"
+    if plan_path.exists():
+        old = json.loads(plan_path.read_text())
+        if old != plan:
+            raise CheckpointError(
+                f"{dst} holds an unfinished conversion with other parameters ({old['format']}, "
+                f"layout {old['layout']}, from {old['source']['path']}); use another --out "
+                "directory or delete this one"
+            )
+    elif dst.exists() and any(p.name != STATE for p in dst.iterdir()):
+        raise CheckpointError(f"{dst} exists and is not empty; choose a new --out directory")
+    (state / "done").mkdir(parents=True, exist_ok=True)
+    write_json(plan_path, plan)
+
+
+def _group_file(fmt: str, group: Group, position: int, count: int) -> str:
+    if fmt == "bf16":
+        return f"model-{position + 1:05d}-of-{count:05d}.safetensors"
+    return f"neuron-{group.key}.safetensors"
+
+
+def convert(
+    src: str | Path,
+    dst: str | Path,
+    fmt: str,
+    layout: ParallelLayout | None = None,
+    workers: int = 1,
+    show_progress: bool = True,
+) -> Path:
+    """Convert ``src`` (block-FP8 Kimi-K2 / DeepSeek-V3) to ``fmt`` in ``dst``; rerun to resume."""
+    src, dst = Path(src), Path(dst)
+    if fmt not in FORMATS:
+        raise CheckpointError(f"unknown format {fmt!r}; choose one of {FORMATS}")
+    if layout is not None and fmt != "neuron-fp8":
+        raise CheckpointError("pre-sharding (--tp) applies to --format neuron-fp8 only")
+    cfg = KimiConfig.from_dir(src)
+    if cfg.quantization is None:
+        raise CheckpointError(f"{src / 'config.json'} has no quantization_config: nothing to convert")
+    if layout is not None:
+        layout.check(cfg)
+    index = CheckpointIndex.open(src)
+    groups = plan_groups(index, cfg)
+    plan = _plan_record(src, fmt, layout)
+    if (dst / MANIFEST).exists() and (dst / STATE / "plan.json").exists() and \
+            json.loads((dst / STATE / "plan.json").read_text()) == plan:
+        print(f"{dst} is already a complete conversion; nothing to do", file=sys.stderr)
+        return dst
+    _start_state(dst, plan)
+    done_dir = dst / STATE / "done"
+    todo = [g for g in groups if not (done_dir / f"{g.key}.json").exists()]
+    sizes = _group_input_bytes(index, groups)
+    progress = Progress(sum(sizes.values()), f"convert {fmt}") if show_progress else None
+    if progress is not None and len(todo) < len(groups):
+        progress.update(sum(sizes[g.key] for g in groups if g not in todo),
+                        f"(resumed: {len(groups) - len(todo)} groups already done)")
+    jobs = [_Job(str(src), str(dst), fmt, None if layout is None else layout.to_dict(), g,
+                 _group_file(fmt, g, groups.index(g), len(groups))) for g in todo]
+    _run_jobs(jobs, workers, lambda job: progress and progress.update(sizes[job.group.key], job.group.key))
+    if progress is not None:
+        progress.close()
+    records = {g.key: json.loads((done_dir / f"{g.key}.json").read_text()) for g in groups}
+    files: dict[str, Any] = {}
+    tensors: dict[str, Any] = {}
+    for g in groups:
+        files.update(records[g.key]["files"])
+        tensors.update(records[g.key]["tensors"])
+    if layout is not None:
+        files = _merge_ranks(dst, layout, groups)
+    _finish(src, dst, plan, files, tensors)
+    return dst
+
+
+def _group_input_bytes(index: CheckpointIndex, groups: list[Group]) -> dict[str, int]:
+    sizes: dict[str, int] = {}
+    headers: dict[str, dict[str, dict]] = {}
+    for g in groups:
+        total = 0
+        for name in g.names:
+            shard = index.weight_map[name]
+            if shard not in headers:
+                headers[shard] = read_header(index.root / shard)[0]
+            info = headers[shard].get(name)
+            if info is not None:
+                total += info["data_offsets"][1] - info["data_offsets"][0]
+        sizes[g.key] = total
+    return sizes
+
+
+def _run_jobs(jobs: list[_Job], workers: int, on_done: Callable[[_Job], object]) -> None:
+    if workers <= 1 or len(jobs) <= 1:
+        for job in jobs:
+            _run_group(job)
+            on_done(job)
+        return
+    # Spawned (not forked) workers: torch's thread pools do not survive fork safely. Each worker
+    # gets its share of the cores so N workers do not oversubscribe them.
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    os.environ["KIMI_NEURON_CONVERT_WORKER_THREADS"] = str(threads)
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+        futures = {pool.submit(_run_group, job): job for job in jobs}
+        pending = set(futures)
+        while pending:
+            finished, pending = wait(pending, return_when=FIRST_EXCEPTION)
+            for fut in finished:
+                fut.result()  # re-raises a worker's CheckpointError here, naming the file
+                on_done(futures[fut])
+
+
+def _merge_ranks(dst: Path, layout: ParallelLayout, groups: list[Group]) -> dict[str, Any]:
+    """Join each rank's per-group parts into its single file, then drop the parts."""
+    (dst / "weights").mkdir(exist_ok=True)
+    files: dict[str, Any] = {}
+    for rank in range(layout.tp):
+        rel = RANK_FILE.format(rank=rank)
+        marker = dst / STATE / "done" / f"rank{rank:03d}.json"
+        if not marker.exists():
+            parts = [dst / f"{STATE}/parts/{g.key}.rank{rank:03d}.safetensors" for g in groups]
+            try:
+                merge_safetensors(parts, dst / rel)
+            except OSError as exc:
+                if is_out_of_space(exc):
+                    raise out_of_space_error(dst / rel, exc) from None
+                raise
+            write_json(marker, file_digest(dst / rel))
+        files[rel] = json.loads(marker.read_text())
+    shutil.rmtree(dst / STATE / "parts", ignore_errors=True)
+    return files
+
+
+def _finish(src: Path, dst: Path, plan: dict[str, Any], files: dict[str, Any],
+            tensors: dict[str, Any]) -> None:
+    """Copy tokenizer and other small files, write the index (unsharded output) and config.json,
+    then the manifest: last, because its presence is what marks the directory complete."""
+    for item in sorted(src.iterdir()):
+        if item.is_file() and not item.name.endswith(".safetensors") and item.name not in (
+                INDEX_NAME, "config.json", MANIFEST):
+            shutil.copy2(item, dst / item.name)
+    if plan["layout"] is None:
+        weight_map = {}
+        for rel in files:
+            header, _ = read_header(dst / rel)
+            weight_map.update(dict.fromkeys(header, rel))
+        write_index(dst, weight_map, sum(int(f["bytes"]) for f in files.values()))
+    raw = json.loads((src / "config.json").read_text())
+    if plan["format"] == "bf16":
+        raw.pop("quantization_config", None)
+    write_json(dst / "config.json", raw)
+    for name in sorted(p.name for p in dst.iterdir() if p.is_file() and p.name != MANIFEST):
+        files.setdefault(name, file_digest(dst / name))
+    write_json(dst / MANIFEST, {
+        **plan,
+        "package_version": __version__,
+        "files": dict(sorted(files.items())),
+        "tensors": dict(sorted(tensors.items())),
+    })
+
+
+# -- verify ---------------------------------------------------------------------------------------
+
+class VerifyError(CheckpointError):
+    """A converted directory that is incomplete or altered; the message lists every problem."""
+
+
+def read_manifest(root: str | Path) -> dict[str, Any]:
+    """The manifest of a finished conversion; refuses directories without one (partial output)."""
+    path = Path(root) / MANIFEST
+    if not path.exists():
+        raise VerifyError(
+            f"{root} has no {MANIFEST}: it is not a finished conversion (an interrupted run leaves "
+            "no manifest); rerun `kimi-neuron convert` with the same arguments to complete it"
+        )
+    return json.loads(path.read_text())
+
+
+def verify(root: str | Path, checksums: bool = True) -> dict[str, Any]:
+    """Check a converted directory against its manifest: files, sizes, checksums, tensor dtypes and
+    shapes, and completeness against the model's config. Raises VerifyError listing all problems."""
+    root = Path(root)
+    manifest = read_manifest(root)
+    problems: list[str] = []
+    for rel, want in manifest["files"].items():
+        path = root / rel
+        if not path.exists():
+            problems.append(f"{rel}: missing")
+        elif path.stat().st_size != want["bytes"]:
+            problems.append(f"{rel}: {path.stat().st_size} bytes, manifest says {want['bytes']}")
+        elif checksums and file_digest(path)["sha256"] != want["sha256"]:
+            problems.append(f"{rel}: sha256 differs from the manifest (file altered or corrupt)")
+    tensors = {n: (d, tuple(s)) for n, (d, s) in manifest["tensors"].items()}
+    cfg = KimiConfig.from_dir(root)
+    fmt = manifest["format"]
+    expected = neuron_names(cfg) if fmt == "neuron-fp8" else None
+    if expected is not None:
+        for name in sorted(expected.keys() - tensors.keys()):
+            problems.append(f"tensor {name}: missing from the conversion")
+        for name in sorted(tensors.keys() & expected.keys()):
+            if tensors[name] != expected[name]:
+                problems.append(f"tensor {name}: {tensors[name]} but the config needs {expected[name]}")
+    layout = None if manifest["layout"] is None else ParallelLayout(**manifest["layout"])
+    safetensors_files = [rel for rel in manifest["files"] if rel.endswith(".safetensors")
+                         and (root / rel).exists()]
+    seen: dict[str, int] = {}
+    for rel in safetensors_files:
+        header, _ = read_header(root / rel)
+        for name, info in header.items():
+            seen[name] = seen.get(name, 0) + 1
+            if name not in tensors:
+                problems.append(f"{rel}: tensor {name} is not in the manifest")
+                continue
+            dtype, shape = tensors[name]
+            want_shape = shape if layout is None else layout.shard_shape(name, shape)
+            got = (_DTYPE_NAMES.get(info["dtype"], info["dtype"]), tuple(info["shape"]))
+            if got != (dtype, want_shape):
+                problems.append(f"{rel}: tensor {name} is {got}, expected {(dtype, want_shape)}")
+    copies = 1 if layout is None else layout.tp
+    for name in sorted(tensors):
+        if seen.get(name, 0) != copies:
+            problems.append(f"tensor {name}: found in {seen.get(name, 0)} files, expected {copies}")
+    if problems:
+        raise VerifyError(f"{root}: {len(problems)} problem(s):\n  " + "\n  ".join(problems))
+    return manifest
+
+
+# -- reshard --------------------------------------------------------------------------------------
+
+def _open_ranks(root: Path, layout: ParallelLayout) -> list[Any]:
+    return [safe_open(str(root / RANK_FILE.format(rank=r)), framework="pt") for r in range(layout.tp)]
+
+
+def reshard(src: str | Path, dst: str | Path, layout: ParallelLayout, show_progress: bool = True) -> Path:
+    """Re-slice a finished neuron-fp8 conversion for another layout, without the HF checkpoint."""
+    src, dst = Path(src), Path(dst)
+    manifest = verify(src, checksums=False)
+    if manifest["format"] != "neuron-fp8":
+        raise CheckpointError(f"{src}: reshard needs a neuron-fp8 conversion, not {manifest['format']}")
+    cfg = KimiConfig.from_dir(src)
+    layout.check(cfg)
+    old = None if manifest["layout"] is None else ParallelLayout(**manifest["layout"])
+    plan = {**{k: manifest[k] for k in ("format", "source")}, "layout": layout.to_dict(),
+            "resharded_from": str(src.resolve())}
+    if (dst / MANIFEST).exists() and json.loads((dst / STATE / "plan.json").read_text()) == plan:
+        print(f"{dst} is already a complete reshard; nothing to do", file=sys.stderr)
+        return dst
+    _start_state(dst, plan)
+    tensors = manifest["tensors"]
+    by_group: dict[str, list[str]] = {}
+    for name in tensors:
+        m = re.match(r"layers\.(\d+)\.", name)
+        by_group.setdefault(f"layer-{int(m.group(1)):03d}" if m else "globals", []).append(name)
+    groups = [Group(k, None, tuple(sorted(v))) for k, v in sorted(by_group.items())]
+    index = None if old is not None else CheckpointIndex.open(src)
+    handles = _open_ranks(src, old) if old is not None else []
+    total = sum(int(f["bytes"]) for rel, f in manifest["files"].items() if rel.endswith(".safetensors"))
+    progress = Progress(total, "reshard") if show_progress else None
+    for g in groups:
+        marker = dst / STATE / "done" / f"{g.key}.json"
+        if not marker.exists():
+            full: dict[str, torch.Tensor] = {}
+            for name in g.names:
+                if old is None:
+                    assert index is not None
+                    full[name] = index.load([name])[name]
+                else:
+                    full[name] = old.unshard(name, [h.get_tensor(name) for h in handles])
+            files = {}
+            for rank in range(layout.tp):
+                rel = f"{STATE}/parts/{g.key}.rank{rank:03d}.safetensors"
+                write_shard(dst / rel, {n: layout.shard(n, t, rank) for n, t in full.items()})
+                files[rel] = file_digest(dst / rel)
+            write_json(marker, {"files": files,
+                                "tensors": {n: tensors[n] for n in g.names}, "bytes_in": 0})
+        if progress is not None:
+            progress.update(sum(tensor_bytes(tensors[n]) for n in g.names), g.key)
+    if progress is not None:
+        progress.close()
+    files = _merge_ranks(dst, layout, groups)
+    _finish(src, dst, plan, files, tensors)
+    return dst
+
+
+def tensor_bytes(entry: list[Any]) -> int:
+    dtype, shape = entry
+    n = 1
+    for d in shape:
+        n *= d
+    return n * {"bf16": 2, "fp32": 4, "fp8": 1, "fp16": 2}[dtype]
