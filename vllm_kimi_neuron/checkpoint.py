@@ -10,8 +10,6 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
-import os
-import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +17,6 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -109,38 +106,54 @@ def _open_shard(path: Path) -> Any:  # safe_open's handle type is not exported
         raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
 
 
-def assign_shards(groups: dict[str, int], num_shards: int) -> dict[str, str]:
-    """Spread tensors over ``num_shards`` files by group (e.g. layer), keeping each group whole.
+def shard_file_names(num_groups: int, num_shards: int) -> list[str]:
+    """File name for each of ``num_groups`` consecutive groups (e.g. layers) spread evenly over
+    ``num_shards`` files, as in the real checkpoint where a layer's weights and scales sit together."""
+    count = min(num_shards, num_groups)
+    return [f"model-{g * count // num_groups + 1:05d}-of-{count:06d}.safetensors" for g in range(num_groups)]
 
-    ``groups`` maps tensor name -> group number (ascending through the model); consecutive groups
-    share a file, as in the real checkpoint where a layer's weights and scales sit together.
-    """
-    ordered = sorted(set(groups.values()))
-    count = min(num_shards, len(ordered))
-    shard_of = {g: i * count // len(ordered) + 1 for i, g in enumerate(ordered)}
-    return {
-        name: f"model-{shard_of[g]:05d}-of-{count:06d}.safetensors" for name, g in groups.items()
-    }
+
+_SAFETENSORS_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.float8_e4m3fn: "F8_E4M3", torch.int64: "I64", torch.int32: "I32", torch.int16: "I16",
+    torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+}
 
 
 def write_shard(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     """Write one safetensors file under a temporary name and rename it into place.
 
-    safetensors reports I/O failures as its own error type with the OS error number in the text;
-    they are turned back into ``OSError`` so callers can tell a full disk from a bad tensor.
+    Tensor bytes go straight from each tensor's memory to the file (safetensors' own writer
+    first copies every tensor into a bytes object, doubling peak memory for large groups).
+    Larger element types come first so every tensor starts aligned to its element size.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
+    order = sorted(tensors, key=lambda n: (-tensors[n].element_size(), n))
+    header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name in order:
+        t = tensors[name]
+        if t.dtype not in _SAFETENSORS_DTYPES:
+            raise CheckpointError(
+                f"{path}: tensor {name!r} has dtype {t.dtype}, which safetensors cannot store")
+        size = t.numel() * t.element_size()
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
     tmp = path.with_name(path.name + ".partial")
     try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
-    except Exception as exc:
+        with tmp.open("wb") as f:
+            f.write(struct.pack("<Q", len(blob)) + blob)
+            for name in order:
+                t = tensors[name].contiguous()
+                if t.numel():
+                    f.write(t.reshape(-1).view(torch.uint8).numpy().data)
+    except BaseException:
         tmp.unlink(missing_ok=True)
-        m = re.search(r"os error (\d+)", str(exc))
-        if m and not isinstance(exc, OSError):
-            code = int(m.group(1))
-            raise OSError(code, os.strerror(code), str(tmp)) from exc
         raise
-    tmp.chmod(0o644)  # safetensors creates 0600; servers often run as another user
+    tmp.chmod(0o644)
     tmp.replace(path)
 
 

@@ -14,11 +14,12 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
-from .checkpoint import assign_shards, write_index, write_json, write_shard
+from .checkpoint import shard_file_names, write_index, write_json, write_shard
 from .config import BPE_RANKS, EOS_ID, IM_END_ID, SPECIAL_TOKENS, KimiConfig, RopeScaling
 from .fp8 import SCALE_SUFFIX, quantize_blockwise
 
@@ -253,8 +254,9 @@ def _linear_names(cfg: KimiConfig) -> dict[str, tuple[int, int]]:
     return shapes
 
 
-def random_state_dict(cfg: KimiConfig, seed: int) -> dict[str, torch.Tensor]:
-    """Random full-precision weights in checkpoint names and order (before FP8 quantisation).
+def iter_random_weights(cfg: KimiConfig, seed: int) -> Iterator[tuple[str, torch.Tensor]]:
+    """Random full-precision weights in checkpoint names and order (before FP8 quantisation),
+    one tensor at a time so that multi-GB test checkpoints never sit in memory whole.
 
     Scales keep activations O(1) through every layer (std = fan_in**-0.5) and give the logits a
     spread of a few nats, so greedy choices are not near-ties that bf16 rounding could flip.
@@ -269,40 +271,34 @@ def random_state_dict(cfg: KimiConfig, seed: int) -> dict[str, torch.Tensor]:
 
     h = cfg.hidden_size
     linears = _linear_names(cfg)
-    sd: dict[str, torch.Tensor] = {"model.embed_tokens.weight": normal((cfg.vocab_size, h), 1.0)}
+    yield "model.embed_tokens.weight", normal((cfg.vocab_size, h), 1.0)
     for layer in range(cfg.num_hidden_layers):
         p = f"model.layers.{layer}."
-        sd[p + "input_layernorm.weight"] = norm_weight(h)
-        sd[p + "post_attention_layernorm.weight"] = norm_weight(h)
+        yield p + "input_layernorm.weight", norm_weight(h)
+        yield p + "post_attention_layernorm.weight", norm_weight(h)
         if cfg.q_lora_rank is not None:
-            sd[p + "self_attn.q_a_layernorm.weight"] = norm_weight(cfg.q_lora_rank)
-        sd[p + "self_attn.kv_a_layernorm.weight"] = norm_weight(cfg.kv_lora_rank)
+            yield p + "self_attn.q_a_layernorm.weight", norm_weight(cfg.q_lora_rank)
+        yield p + "self_attn.kv_a_layernorm.weight", norm_weight(cfg.kv_lora_rank)
         if cfg.is_moe_layer(layer):
-            sd[p + "mlp.gate.weight"] = normal((cfg.n_routed_experts, h), h**-0.5)
-            sd[p + "mlp.gate.e_score_correction_bias"] = normal((cfg.n_routed_experts,), 0.1)
+            yield p + "mlp.gate.weight", normal((cfg.n_routed_experts, h), h**-0.5)
+            yield p + "mlp.gate.e_score_correction_bias", normal((cfg.n_routed_experts,), 0.1)
         for name, (out_f, in_f) in linears.items():
             if name.startswith(p):
-                sd[name] = normal((out_f, in_f), in_f**-0.5)
-    sd["model.norm.weight"] = norm_weight(h)
-    sd["lm_head.weight"] = normal((cfg.vocab_size, h), 4.0 * h**-0.5)
-    return sd
+                yield name, normal((out_f, in_f), in_f**-0.5)
+    yield "model.norm.weight", norm_weight(h)
+    yield "lm_head.weight", normal((cfg.vocab_size, h), 4.0 * h**-0.5)
 
 
-def to_checkpoint_dtypes(cfg: KimiConfig, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Store tensors the way the real checkpoint does: FP8 linears with block scales, BF16 rest,
-    the router's correction bias in fp32."""
-    linears = _linear_names(cfg)
-    out: dict[str, torch.Tensor] = {}
-    for name, t in sd.items():
-        if name in linears and cfg.quantization is not None:
-            q, scale_inv = quantize_blockwise(t, cfg.quantization.block)
-            out[name] = q
-            out[name[: -len("weight")] + SCALE_SUFFIX] = scale_inv
-        elif name.endswith("e_score_correction_bias"):
-            out[name] = t.float()
-        else:
-            out[name] = t.to(torch.bfloat16)
-    return out
+def to_checkpoint_dtype(cfg: KimiConfig, name: str, t: torch.Tensor,
+                        linears: dict[str, tuple[int, int]]) -> dict[str, torch.Tensor]:
+    """Store a tensor the way the real checkpoint does: FP8 linears (``linears``) with block
+    scales, BF16 rest, the router's correction bias in fp32."""
+    if name in linears and cfg.quantization is not None:
+        q, scale_inv = quantize_blockwise(t, cfg.quantization.block)
+        return {name: q, name[: -len("weight")] + SCALE_SUFFIX: scale_inv}
+    if name.endswith("e_score_correction_bias"):
+        return {name: t.float()}
+    return {name: t.to(torch.bfloat16)}
 
 
 def _layer_group(cfg: KimiConfig, name: str) -> int:
@@ -317,15 +313,28 @@ def make_tiny(out: str | Path, seed: int = 0, preset: str = DEFAULT_PRESET,
     """Write a tiny FP8 checkpoint to ``out`` (complete only once config.json exists).
 
     ``config`` replaces the preset's shapes, e.g. for the multi-GB checkpoints of benchmarks.
+    Shards are written as soon as they are full, so memory stays near one shard.
     """
     out = Path(out)
     cfg = config if config is not None else tiny_config(preset)
     out.mkdir(parents=True, exist_ok=True)
-    tensors = to_checkpoint_dtypes(cfg, random_state_dict(cfg, seed))
-    weight_map = assign_shards({n: _layer_group(cfg, n) for n in tensors}, NUM_SHARDS)
-    for shard in sorted(set(weight_map.values())):
-        write_shard(out / shard, {n: tensors[n] for n, s in weight_map.items() if s == shard})
-    write_index(out, weight_map, sum(t.numel() * t.element_size() for t in tensors.values()))
+    shard_of_group = shard_file_names(cfg.num_hidden_layers + 1, NUM_SHARDS)
+    weight_map: dict[str, str] = {}
+    total = 0
+    pending: dict[str, torch.Tensor] = {}
+    current = shard_of_group[0]
+    linears = _linear_names(cfg)
+    for name, full in iter_random_weights(cfg, seed):
+        shard = shard_of_group[_layer_group(cfg, name)]
+        if shard != current:
+            write_shard(out / current, pending)
+            pending, current = {}, shard
+        for stored_name, t in to_checkpoint_dtype(cfg, name, full, linears).items():
+            pending[stored_name] = t
+            weight_map[stored_name] = shard
+            total += t.numel() * t.element_size()
+    write_shard(out / current, pending)
+    write_index(out, weight_map, total)
     for name, content in tokenizer_files().items():
         write_json(out / name, content)
     write_json(out / "generation_config.json", {
