@@ -8,10 +8,13 @@ never be taken for a complete one (temporary names, atomic renames, the index wr
 from __future__ import annotations
 
 import json
+import math
 import shutil
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+import struct
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 from safetensors import safe_open
@@ -28,12 +31,48 @@ class CheckpointError(RuntimeError):
     """A checkpoint that is missing, truncated or inconsistent; the message names the file."""
 
 
+# safetensors dtype names -> torch dtypes, for reading tensors without mapping the whole file.
+DTYPES: dict[str, torch.dtype] = {
+    "F8_E4M3": torch.float8_e4m3fn, "BF16": torch.bfloat16, "F16": torch.float16,
+    "F32": torch.float32, "F64": torch.float64, "I64": torch.int64, "I32": torch.int32,
+    "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """Where one tensor's bytes are in a safetensors file (absolute offsets)."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    start: int
+    stop: int
+
+
+def read_header(path: Path) -> dict[str, TensorEntry]:
+    """A safetensors file's tensor table, from its JSON header alone (no tensor data is read)."""
+    try:
+        with open(path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(length))
+    except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
+    base = 8 + length
+    return {
+        name: TensorEntry(e["dtype"], tuple(e["shape"]), base + e["data_offsets"][0],
+                          base + e["data_offsets"][1])
+        for name, e in header.items()
+        if name != "__metadata__"
+    }
+
+
 @dataclass(frozen=True)
 class CheckpointIndex:
     """Which shard holds which tensor, read from the index (or a lone ``model.safetensors``)."""
 
     root: Path
     weight_map: dict[str, str]
+    _headers: dict[str, dict[str, TensorEntry]] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def open(cls, root: str | Path) -> CheckpointIndex:
@@ -85,6 +124,72 @@ class CheckpointIndex:
         return out
 
 
+    def entry(self, name: str) -> tuple[Path, TensorEntry]:
+        """The shard and byte range of tensor ``name``, checked against the file's real size."""
+        if name not in self.weight_map:
+            raise CheckpointError(f"{self.root / INDEX_NAME}: no tensor named {name!r}")
+        shard = self.weight_map[name]
+        path = self.root / shard
+        if shard not in self._headers:
+            self._headers[shard] = read_header(path)
+        entry = self._headers[shard].get(name)
+        if entry is None:
+            raise CheckpointError(
+                f"{path}: the index says it holds {name!r}, but the file has no such tensor"
+            )
+        if entry.dtype not in DTYPES:
+            raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {entry.dtype}")
+        expected = math.prod(entry.shape) * DTYPES[entry.dtype].itemsize
+        if entry.stop - entry.start != expected or entry.stop > path.stat().st_size:
+            raise CheckpointError(
+                f"{path}: tensor {name!r} ({entry.dtype} {list(entry.shape)}) needs bytes "
+                f"{entry.start}..{entry.start + expected} but the file has {path.stat().st_size}: "
+                "the shard is truncated or corrupt; download it again"
+            )
+        return path, entry
+
+    def read(self, name: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Tensor ``name`` (rows ``start:stop`` of its first dim) with plain reads, not mmap.
+
+        Memory then holds exactly the bytes asked for, and it is freed with the tensor: reading a
+        1 TB checkpoint this way never keeps more than the current tensors resident.
+        """
+        path, entry = self.entry(name)
+        rows = entry.shape[0] if entry.shape else 1
+        stop = rows if stop is None else stop
+        row_bytes = (entry.stop - entry.start) // max(rows, 1)
+        with open(path, "rb") as f:
+            data = _read_exact(f, path, name, entry.start + start * row_bytes, (stop - start) * row_bytes)
+        shape = (stop - start, *entry.shape[1:]) if entry.shape else ()
+        return _as_tensor(data, entry.dtype, shape)
+
+    def gather_rows(self, name: str, rows: Sequence[int]) -> torch.Tensor:
+        """``tensor[rows]`` for a 2-D tensor, reading only those rows (embedding lookups)."""
+        path, entry = self.entry(name)
+        row_bytes = (entry.stop - entry.start) // entry.shape[0]
+        with open(path, "rb") as f:
+            data = bytearray().join(
+                _read_exact(f, path, name, entry.start + r * row_bytes, row_bytes) for r in rows
+            )
+        return _as_tensor(data, entry.dtype, (len(rows), *entry.shape[1:]))
+
+
+def _read_exact(f: BinaryIO, path: Path, name: str, offset: int, size: int) -> bytearray:
+    buf = bytearray(size)
+    f.seek(offset)
+    if f.readinto(buf) != size:
+        raise CheckpointError(
+            f"{path}: tensor {name!r} ends past the end of the file: the shard is truncated"
+        )
+    return buf
+
+
+def _as_tensor(data: bytearray, dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
+    if not data:
+        return torch.empty(shape, dtype=DTYPES[dtype])
+    return torch.frombuffer(data, dtype=torch.uint8).view(DTYPES[dtype]).reshape(shape)
+
+
 def _open_shard(path: Path):  # noqa: ANN202 -- safe_open's handle type is private
     try:
         return safe_open(str(path), framework="pt")
@@ -106,10 +211,11 @@ def assign_shards(groups: dict[str, int], num_shards: int) -> dict[str, str]:
     }
 
 
-def write_shard(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+def write_shard(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     """Write one safetensors file under a temporary name and rename it into place."""
     tmp = path.with_name(path.name + ".partial")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
+              metadata={"format": "pt", **(metadata or {})})
     tmp.chmod(0o644)  # safetensors creates 0600; servers often run as another user
     tmp.replace(path)
 
@@ -131,20 +237,9 @@ def _tensor_bytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "I64": 8, "I32": 4, "BF16": 2, "F16": 2, "F8_E4M3": 1, "U8": 1}
-
-
 def shard_tensor_bytes(path: Path) -> dict[str, int]:
     """Byte size of every tensor in a shard, from its header alone (no tensor data is read)."""
-    with _open_shard(path) as f:
-        out = {}
-        for name in f.keys():  # noqa: SIM118 -- safe_open is not iterable
-            sl = f.get_slice(name)
-            numel = 1
-            for d in sl.get_shape():
-                numel *= d
-            out[name] = numel * _DTYPE_BYTES[sl.get_dtype()]
-        return out
+    return {name: e.stop - e.start for name, e in read_header(path).items()}
 
 
 def dequantize_shard(

