@@ -44,10 +44,18 @@ class GoldenError(ValueError):
 
 @dataclass(frozen=True)
 class Position:
+    """The reference's distribution for one token, given every token before it.
+
+    ``router_margin`` is the smallest router choice margin over the MoE layers of the token
+    whose hidden state predicts this one (None without MoE layers): how close the reference
+    came to choosing a different expert there.
+    """
+
     token: int
     logprob: float
     top_ids: list[int]
     top_logprobs: list[float]
+    router_margin: float | None
 
     @property
     def gap(self) -> float:
@@ -126,11 +134,13 @@ def read_prompts(path: str | Path, model_dir: str | Path) -> list[list[int]]:
         raise GoldenError(f"{path}: no prompts")
     if texts:
         try:
-            from transformers import AutoTokenizer
+            from transformers import AutoTokenizer, PretrainedConfig
         except ImportError:
             raise GoldenError(f"{path}: text prompts need `transformers` for the tokenizer; "
                               "install it or give token_ids") from None
-        tok = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=True)
+        # An empty model config: transformers knows no `kimi_k2` model type, and the tokenizer is
+        # chosen by tokenizer_config.json (Kimi's remote-code TikTokenTokenizer) anyway.
+        tok = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=True, config=PretrainedConfig())
         for i, text in texts.items():
             prompts[i] = tok.encode(text, add_special_tokens=False)
             if not prompts[i]:
@@ -164,18 +174,17 @@ class _WorkDir:
     def save_cache(self, layer: int, cache: torch.Tensor) -> None:
         write_shard(self.cache_path(layer), {"cache": cache})
 
-    def load_state(self) -> tuple[int, int, torch.Tensor | None]:
-        """(step, next layer, hidden states entering it); (0, 0, None) for a fresh run."""
+    def load_state(self) -> tuple[int, int, dict[str, torch.Tensor] | None]:
+        """(step, next layer, hidden states and router margins entering it); (0, 0, None) fresh."""
         path = self.root / "state.safetensors"
         if not path.exists():
             return 0, 0, None
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata()
-            return int(meta["step"]), int(meta["layer"]), f.get_tensor("hidden")
+            return int(meta["step"]), int(meta["layer"]), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
 
-    def save_state(self, step: int, layer: int, hidden: torch.Tensor) -> None:
-        write_shard(self.root / "state.safetensors", {"hidden": hidden},
-                    metadata={"step": str(step), "layer": str(layer)})
+    def save_state(self, step: int, layer: int, state: dict[str, torch.Tensor]) -> None:
+        write_shard(self.root / "state.safetensors", state, metadata={"step": str(step), "layer": str(layer)})
 
     def load_records(self) -> Records:
         path = self.root / "records.json"
@@ -205,7 +214,7 @@ def generate(
     steps = max(1, max_new_tokens)  # the prefill, then one decode step per further new token
     layers = ref.cfg.num_hidden_layers
     slots = max(batch.lengths) + steps - 1
-    step, layer, h = work.load_state()
+    step, layer, state = work.load_state()
     records = work.load_records()
     if progress is not None:
         resumed = f"resuming at step {step + 1}/{steps}, layer {layer}"
@@ -216,26 +225,27 @@ def generate(
         else:
             fed = torch.tensor([[r["next"]] for r in records[str(step - 1)]])
             positions, valid = torch.tensor(batch.lengths).unsqueeze(1) + (step - 1), None
-        if h is None:
-            h = ref.embed(fed)
+        if state is None:
+            state = {"hidden": ref.embed(fed), "margin": torch.full(fed.shape, float("inf"))}
         for i in range(layer, layers):
             cache = work.load_cache(i)
             if cache is None:
                 cache = ref.new_cache(len(prompts), slots)
-            h, cache = ref.layer(i, h, positions, cache, absorb=step > 0, valid=valid)
+            h, cache, margin = ref.layer(i, state["hidden"], positions, cache, absorb=step > 0, valid=valid)
+            state = {"hidden": h, "margin": torch.minimum(state["margin"], margin)}
             work.save_cache(i, cache)
-            work.save_state(step, i + 1, h)
+            work.save_state(step, i + 1, state)
             if progress is not None:
                 what = "prefill" if step == 0 else f"decode step {step}/{steps - 1}"
                 progress(step * layers + i + 1, steps * layers, f"{what}, layer {i + 1}/{layers}")
-        records[str(step)] = _head(ref, h, batch, step, top_k, score_last=max_new_tokens > 0)
+        records[str(step)] = _head(ref, state, batch, step, top_k, score_last=max_new_tokens > 0)
         work.save_records(records)
-        step, layer, h = step + 1, 0, None
+        step, layer, state = step + 1, 0, None
     return _assemble(str(model_dir), config_sha, top_k, prompts, records, steps, max_new_tokens)
 
 
 def _head(
-    ref: Reference, h: torch.Tensor, batch: Batch, step: int, top_k: int, score_last: bool
+    ref: Reference, state: dict[str, torch.Tensor], batch: Batch, step: int, top_k: int, score_last: bool
 ) -> list[dict[str, Any]]:
     """One step's log-probabilities, per sequence: its scored positions and its greedy next token.
 
@@ -243,13 +253,16 @@ def _head(
     (and each decode step) has the greedy choice as its target, and is dropped when no new
     tokens were asked for (``score_last`` False).
     """
-    h = ref.final_norm(h)
+    h = ref.final_norm(state["hidden"])
+    counts = batch.lengths if step == 0 else [1] * h.shape[0]
+    rows = torch.cat([h[b, :n] for b, n in enumerate(counts)])
+    # inf: no MoE layer, or every expert chosen; nothing could flip
+    margins = [None if m == float("inf") else m
+               for b, n in enumerate(counts) for m in state["margin"][b, :n].tolist()]
     if step == 0:
-        rows = torch.cat([h[b, :n] for b, n in enumerate(batch.lengths)])
-        targets = [t for b, n in enumerate(batch.lengths) for t in [*batch.tokens[b, 1:n].tolist(), -1]]
-        counts = batch.lengths
+        targets = [t for b, n in enumerate(counts) for t in [*batch.tokens[b, 1:n].tolist(), -1]]
     else:
-        rows, targets, counts = h[:, 0], [-1] * h.shape[0], [1] * h.shape[0]
+        targets = [-1] * h.shape[0]
     top = ref.top_logprobs(rows, torch.tensor(targets).clamp(min=0), top_k)
     out, start = [], 0
     for n in counts:
@@ -257,11 +270,9 @@ def _head(
         greedy = int(top.ids[end - 1, 0])
         tokens = [*targets[start : end - 1], greedy]
         logprobs = [*top.target_logprobs[start : end - 1].tolist(), float(top.logprobs[end - 1, 0])]
-        alternatives = zip(top.ids[start:end].tolist(), top.logprobs[start:end].tolist(), strict=True)
-        positions = [
-            asdict(Position(t, lp, ids, lps))
-            for t, lp, (ids, lps) in zip(tokens, logprobs, alternatives, strict=True)
-        ]
+        columns = (tokens, logprobs, top.ids[start:end].tolist(), top.logprobs[start:end].tolist(),
+                   margins[start:end])
+        positions = [asdict(Position(*values)) for values in zip(*columns, strict=True)]
         out.append({"positions": positions if score_last else positions[:-1], "next": greedy})
         start = end
     return out

@@ -25,7 +25,7 @@ from .model import rope
 from .model.mla import MlaDims, mla
 from .model.moe import routed_experts, swiglu
 from .model.norm import rms_norm
-from .model.router import Routing, route
+from .model.router import Routing, choice_margin, choice_scores, select
 
 # lm_head rows per matmul when scoring the vocabulary: bounds the fp32 slice in memory.
 HEAD_CHUNK_BYTES = 128 << 20
@@ -101,8 +101,9 @@ class Reference:
         cache: torch.Tensor,
         absorb: bool,
         valid: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Decoder layer ``i`` on ``h [B, T, hidden]``; returns the new hidden states and cache.
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Decoder layer ``i`` on ``h [B, T, hidden]``: new hidden states, new cache, and each
+        token's router choice margin ``[B, T]`` (inf in dense layers and for padding).
 
         ``absorb`` picks the decode form of MLA. Tokens where ``valid`` is False (padding) skip
         the MLP/MoE: their hidden states are never read, and routing them would run experts.
@@ -115,17 +116,21 @@ class Reference:
         h = h + out
         x = rms_norm(h, self.weight(p + "post_attention_layernorm.weight"), cfg.rms_norm_eps).flatten(0, 1)
         rows = torch.arange(x.shape[0]) if valid is None else valid.flatten().nonzero().squeeze(1)
-        mlp_out = torch.zeros_like(x).index_copy(0, rows, self._mlp(i, x[rows]))
-        return h + mlp_out.view_as(h), cache
+        mlp_out, margin = self._mlp(i, x[rows])
+        mlp_out = torch.zeros_like(x).index_copy(0, rows, mlp_out)
+        margins = torch.full((x.shape[0],), float("inf")).index_copy(0, rows, margin)
+        return h + mlp_out.view_as(h), cache, margins.view(h.shape[:-1])
 
-    def _mlp(self, i: int, x: torch.Tensor) -> torch.Tensor:
+    def _mlp(self, i: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         p = names.layer_prefix(i) + "mlp."
         if not self.cfg.is_moe_layer(i):
-            return swiglu(x, names.mlp_weights(self.weight, p))
+            return swiglu(x, names.mlp_weights(self.weight, p)), torch.full((x.shape[0],), float("inf"))
         bias = self.weight(p + "gate.e_score_correction_bias")
-        weights, ids = route(x, self.weight(p + "gate.weight"), bias, self.routing)
+        scores, choice = choice_scores(x, self.weight(p + "gate.weight"), bias, self.routing)
+        weights, ids = select(scores, choice, self.routing)
         routed = routed_experts(x, weights, ids, lambda e: names.mlp_weights(self.weight, f"{p}experts.{e}."))
-        return routed + swiglu(x, names.mlp_weights(self.weight, p + "shared_experts."))
+        shared = swiglu(x, names.mlp_weights(self.weight, p + "shared_experts."))
+        return routed + shared, choice_margin(choice, self.routing.top_k)
 
     def final_norm(self, h: torch.Tensor) -> torch.Tensor:
         return rms_norm(h, self.weight(names.FINAL_NORM), self.cfg.rms_norm_eps)
@@ -169,6 +174,6 @@ class Reference:
         h = self.embed(batch.tokens)
         out = []
         for i, cache in enumerate(caches):
-            h, cache = self.layer(i, h, positions, cache, absorb, batch.valid)
+            h, cache, _ = self.layer(i, h, positions, cache, absorb, batch.valid)
             out.append(cache)
         return self.final_norm(h), out
