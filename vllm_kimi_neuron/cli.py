@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import sys
 import time
 from pathlib import Path
 
 from . import __version__
-
-
-def _cache_home() -> Path:
-    return Path(os.environ.get("KIMI_NEURON_HOME", Path.home() / ".cache" / "vllm-kimi-neuron"))
+from .config import cache_home
 
 
 def _clock(seconds: float) -> str:
@@ -202,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_reshard)
 
     p = sub.add_parser("demo", help="serve a tiny Kimi-K2 model with vLLM on CPU, through this plugin")
-    p.add_argument("--dir", type=Path, default=_cache_home(), help="where tiny checkpoints are kept")
+    p.add_argument("--dir", type=Path, default=cache_home(), help="where tiny checkpoints are kept")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--seed", type=int, default=0)

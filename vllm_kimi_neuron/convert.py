@@ -84,6 +84,26 @@ def plan_groups(index: CheckpointIndex, cfg: KimiConfig) -> list[Group]:
     return groups
 
 
+def converted_dir(model_dir: Path) -> Path:
+    """Where the Neuron mode keeps the ``neuron-fp8`` conversion of ``model_dir``:
+    ``$KIMI_NEURON_CHECKPOINT`` if set, else under the package's cache home."""
+    if "KIMI_NEURON_CHECKPOINT" in os.environ:
+        return Path(os.environ["KIMI_NEURON_CHECKPOINT"])
+    from .config import cache_home
+
+    # A Hugging Face snapshot directory is named by its commit: keep the repository name too.
+    name = model_dir.name if model_dir.parent.name != "snapshots" else (
+        f"{model_dir.parent.parent.name.removeprefix('models--')}-{model_dir.name[:12]}")
+    return cache_home() / "converted" / f"{name}-neuron-fp8"
+
+
+def ensure_converted(model_dir: Path, workers: int | None = None) -> Path:
+    """The complete ``neuron-fp8`` conversion of ``model_dir``, made (or finished after an
+    interruption) first if needed; a no-op beyond one manifest check once it exists."""
+    return convert(model_dir, converted_dir(model_dir), "neuron-fp8",
+                   workers=workers or max(1, (os.cpu_count() or 2) // 2))
+
+
 # -- per-group conversion (runs in worker processes) ---------------------------------------------
 
 class _Reader:

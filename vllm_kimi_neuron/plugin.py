@@ -35,10 +35,7 @@ def register() -> Mode:
         return _registered_mode
     mode = detect_mode()
     _registered_mode = mode
-    if mode == "neuron":
-        detail = "vllm-neuron found; Kimi-K2 Neuron hooks are not implemented in this version yet"
-    else:
-        detail = "vllm-neuron not installed; no hooks installed"
+    detail = _install_neuron_hooks() if mode == "neuron" else "vllm-neuron not installed; no hooks installed"
     line = f"{LOG_PREFIX} {__version__} registered in pid {os.getpid()}: mode={mode} ({detail})"
     if logger.hasHandlers():
         logger.info(line)
@@ -46,3 +43,14 @@ def register() -> Mode:
         # vLLM configures its logging lazily; the API server loads plugins before that happens.
         print(f"INFO {line}", file=sys.stderr, flush=True)
     return mode
+
+
+def _install_neuron_hooks() -> str:
+    from .neuron import hooks
+    from .patches import install
+
+    install(hooks.PATCHES)
+    raised = hooks.raise_engine_ready_timeout()
+    timeout = (f"VLLM_ENGINE_READY_TIMEOUT_S raised to {raised} s" if raised
+               else "VLLM_ENGINE_READY_TIMEOUT_S left as you set it")
+    return f"vllm-neuron found; Kimi-K2 model hooks armed for its model loader; {timeout}"

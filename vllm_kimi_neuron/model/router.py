@@ -38,7 +38,15 @@ def choice_scores(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``x [N, hidden]`` -> (sigmoid scores, biased scores that decide the choice), both ``[N, E]``
     in fp32; experts outside the ``topk_group`` best groups have choice score -inf."""
-    scores = F.linear(x.float(), gate.float()).sigmoid()
+    return choice_from_logits(F.linear(x.float(), gate.float()), bias, routing)
+
+
+def choice_from_logits(
+    logits: torch.Tensor, bias: torch.Tensor, routing: Routing
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`choice_scores` from router logits ``[N, E]`` already computed (e.g. by NxD's router
+    linear, which knows about sequence parallelism)."""
+    scores = logits.float().sigmoid()
     choice = scores + bias.float()
     if routing.topk_group < routing.n_group:
         groups = choice.unflatten(-1, (routing.n_group, -1))

@@ -1,0 +1,95 @@
+"""The patch registry, on real modules written to a temporary directory and imported for real."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+from vllm_kimi_neuron import patches
+from vllm_kimi_neuron.neuron import hooks
+from vllm_kimi_neuron.patches import Patch, PatchError, install
+
+
+@pytest.fixture()
+def target(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A fresh module `kimi_patch_target_<n>` with THRESHOLD = 1.0, not yet imported."""
+    name = f"kimi_patch_target_{len(list(tmp_path.parent.iterdir()))}_{tmp_path.name[-6:]}"
+    (tmp_path / f"{name}.py").write_text("THRESHOLD = 1.0\n\ndef f():\n    return THRESHOLD\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(patches, "_applied", {})
+    monkeypatch.setattr(patches, "_pending", {})
+    yield name
+    sys.modules.pop(name, None)
+
+
+def _patch(module: str, versions: str = ">=2", expect: float = 1.0) -> Patch:
+    def check(m: ModuleType) -> str | None:
+        found = getattr(m, "THRESHOLD", None)
+        return None if found == expect else f"THRESHOLD is {found}"
+
+    def apply(m: ModuleType) -> None:
+        m.THRESHOLD = 0.0
+
+    # torch is installed everywhere the tests run; its version decides the range checks below.
+    return Patch("test-threshold", "torch", versions, module, "test", check, apply)
+
+
+def test_applied_when_the_target_is_imported_later(target: str) -> None:
+    install([_patch(target)])
+    assert target not in sys.modules and patches.applied() == []
+    module = importlib.import_module(target)
+    assert module.THRESHOLD == 0.0 and module.f() == 0.0
+    assert patches.applied() == ["test-threshold"]
+
+
+def test_applied_at_once_when_the_target_is_already_imported(target: str) -> None:
+    module = importlib.import_module(target)
+    install([_patch(target)])
+    assert module.f() == 0.0
+
+
+def test_a_target_that_looks_different_is_refused_and_left_alone(target: str) -> None:
+    module = importlib.import_module(target)
+    with pytest.raises(PatchError, match=r"refuses to change .*THRESHOLD is 1.0.*nothing was changed"):
+        install([_patch(target, expect=2.0)])
+    assert module.THRESHOLD == 1.0
+
+
+def test_a_version_outside_the_range_is_refused(target: str) -> None:
+    module = importlib.import_module(target)
+    with pytest.raises(PatchError, match=r"written for torch<1\.0, but .* is installed"):
+        install([_patch(target, versions="<1.0")])
+    assert module.THRESHOLD == 1.0
+
+
+def test_a_missing_distribution_is_refused(target: str) -> None:
+    module = importlib.import_module(target)
+    p = _patch(target)
+    missing = Patch(p.name, "no-such-distribution-kimi", ">=0", p.module, p.why, p.check, p.apply)
+    with pytest.raises(PatchError, match="no-such-distribution-kimi is not installed"):
+        install([missing])
+    assert module.THRESHOLD == 1.0
+
+
+def test_every_registered_patch_has_its_on_disk_diff() -> None:
+    root = Path(__file__).resolve().parents[1]
+    for patch in [*hooks.PATCHES, *hooks.SELECTIVE_LOADING]:
+        assert patch.diff is not None and (root / patch.diff).is_file(), patch.name
+        text = (root / patch.diff).read_text()
+        # One on-disk diff may stand for several run-time patches of the same package.
+        assert text.startswith("--- a/" + patch.module.split(".")[0] + "/"), patch.name
+
+
+def test_engine_ready_timeout_raised_only_when_unset(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("VLLM_ENGINE_READY_TIMEOUT_S", raising=False)
+    assert hooks.raise_engine_ready_timeout() == hooks.ENGINE_READY_TIMEOUT_S
+    monkeypatch.setenv("VLLM_ENGINE_READY_TIMEOUT_S", "900")
+    assert hooks.raise_engine_ready_timeout() is None
+    import os
+
+    assert os.environ["VLLM_ENGINE_READY_TIMEOUT_S"] == "900"
