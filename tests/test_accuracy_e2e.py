@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,7 @@ import torch.nn.functional as F
 
 import vllm_kimi_neuron.reference
 from vllm_kimi_neuron.golden import Golden, generate, read_prompts
-from vllm_kimi_neuron.launch import Server, ServeSpec, free_port
+from vllm_kimi_neuron.launch import Server, free_port
 from vllm_kimi_neuron.model.router import Routing
 
 CLI = [str(Path(sys.executable).parent / "kimi-neuron")]
@@ -25,20 +24,6 @@ PROMPTS = [
     {"text": "The quick brown fox jumps over the lazy dog."},
     {"token_ids": [163584, 17, 3000, 42, 99, 100000, 5, 163601, 8, 8]},
 ]
-
-
-@pytest.fixture(scope="module")
-def server(tiny_bf16: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    log_path = tmp_path_factory.mktemp("serve") / "server.log"
-    spec = ServeSpec(model=tiny_bf16, port=free_port(), max_model_len=512)
-    with open(log_path, "wb") as log:
-        srv = Server(spec, log=log)
-        try:
-            srv.wait_ready(timeout=300)
-            yield srv
-        finally:
-            srv.stop()
-    assert srv.proc.poll() is not None
 
 
 @pytest.fixture(scope="module")
