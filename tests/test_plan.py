@@ -55,6 +55,7 @@ def test_tp64_plan_fits_and_its_budget_adds_up() -> None:
     assert weights(plan)["attention"] == attention
     replicated = {g: r for g, _, r in b.weights}
     assert replicated["attention"] == layers * (q_a + kv_a)
+    assert replicated["routed experts (fp8, fp32 scales)"] == moe_layers * e * h * 4  # down scales
     assert b.kv_cache == layers * 2 * 8 * 2048 * 576 * 2  # K and V, 8 slots, bf16, on every core
     assert 17.5 < b.weight_total / GIB < 18.0  # design.md: "~18 GB of 24 GB per logical core is weights"
 

@@ -160,7 +160,8 @@ def _group(name: str) -> str:
 def weight_bytes(cfg: KimiConfig, layout: Layout, torch_dtype: str) -> tuple[tuple[str, int, int], ...]:
     """Bytes per logical core by group: every neuron-fp8 tensor's per-rank shard. Attention, dense,
     shared-expert and embedding tensors split over tp_degree; routed experts over the
-    moe_tp_degree x moe_ep_degree grid; replicated tensors count whole on every core."""
+    moe_tp_degree x moe_ep_degree grid; replicated tensors count whole on every core (and as the
+    second figure of each group)."""
     dense = ParallelLayout(tp=layout.tp_degree, lnc=layout.lnc)
     experts = ParallelLayout(tp=layout.moe_tp_degree * layout.moe_ep_degree, moe_ep=layout.moe_ep_degree,
                              lnc=layout.lnc)
@@ -172,7 +173,7 @@ def weight_bytes(cfg: KimiConfig, layout: Layout, torch_dtype: str) -> tuple[tup
         nbytes = math.prod(shard) * size[dtype]
         totals = groups.setdefault(_group(name), [0, 0])
         totals[0] += nbytes
-        if rule.dim is None and not rule.expert_parallel:
+        if shard == shape:
             totals[1] += nbytes
     return tuple(sorted(((g, b, r) for g, (b, r) in groups.items()), key=lambda row: -row[1]))
 
