@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shlex
 import subprocess
 import sys
@@ -226,14 +227,16 @@ def test_cli_prints_table_patches_command_and_json() -> None:
     assert out["hbm_bytes_per_core"]["total"] == plan.budget.total
 
 
-def test_cli_refusals_exit_2_with_the_reason() -> None:
+def test_cli_refusals_exit_2_with_the_reason(capsys: pytest.CaptureFixture[str]) -> None:
+    from vllm_kimi_neuron import cli
+
     r = run("--tp", "64", "--max-num-seqs", "64", "--max-model-len", "131072")
     assert r.returncode == 2 and r.stderr.startswith("error: does not fit: ") and "Traceback" not in r.stderr
-    r = run("--tp", "64", "--max-num-seqs", "8", "--max-model-len", "2048",
-            "--overrides", '{"logical-nc-config": 2}')
-    assert r.returncode == 2 and "use underscores: logical_nc_config" in r.stderr
-    r = run("--tp", "64", "--max-num-seqs", "8", "--max-model-len", "2048", "--overrides", "{bad")
-    assert r.returncode == 2 and "--overrides is not valid JSON" in r.stderr
+    request = ["plan", "--tp", "64", "--max-num-seqs", "8", "--max-model-len", "2048", "--overrides"]
+    assert cli.main([*request, '{"logical-nc-config": 2}']) == 2
+    assert "use underscores: logical_nc_config" in capsys.readouterr().err
+    assert cli.main([*request, "{bad"]) == 2
+    assert "--overrides is not valid JSON" in capsys.readouterr().err
 
 
 def test_cli_reads_a_model_directory(tmp_path: Path) -> None:
@@ -243,3 +246,15 @@ def test_cli_reads_a_model_directory(tmp_path: Path) -> None:
     out = json.loads(r.stdout)
     assert out["model"] == str(tmp_path) and f"vllm serve {tmp_path} " in out["serve_command"]
     assert out["hbm_bytes_per_core"]["kv_cache"] == 3 * 2 * 4 * 512 * 576 * 2
+
+
+def test_readme_examples_are_current_output(capsys: pytest.CaptureFixture[str]) -> None:
+    from vllm_kimi_neuron import cli
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    blocks = re.findall(r"\nTP (64|32)[ ,][^\n]*real output.*?```text\n(.*?)\n```", readme, re.S)
+    assert [tp for tp, _ in blocks] == ["64", "32"]
+    for tp, shown in blocks:
+        assert cli.main(["plan", "--instance", TRN2, "--tp", tp, "--max-num-seqs", "8", "--max-model-len",
+                         "2048"]) == 0
+        assert capsys.readouterr().out.startswith(shown), f"README's TP {tp} example is stale"
