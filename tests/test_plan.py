@@ -126,6 +126,7 @@ def test_a_single_chip_cannot_hold_kimi() -> None:
     (KIMI, 48, None, "num_attention_heads=64 is not divisible by tp_degree=48 (attention heads)"),
     (KIMI, 128, None, "a trn2.48xlarge has 64 logical cores at LNC 2; use 1 to 64"),
     (KIMI, 64, {"ep_degree": 2}, "tp_degree 64 x ep_degree 2 = 128 ranks"),
+    (KIMI, 64, {"moe_ep_degree": 0}, "moe_ep_degree=0: parallel degrees are positive integers"),
     (KimiConfig(n_routed_experts=385), 32, {"ep_degree": 2},
      "n_routed_experts=385 is not divisible by moe_ep_degree=2 (expert groups)"),
     (KimiConfig(moe_intermediate_size=2000), 64, None,

@@ -339,6 +339,9 @@ def _layout(cfg: KimiConfig, machine: Instance, tp: int, lnc: int, user: Mapping
     if not 1 <= tp <= cores:
         raise PlanError(f"--tensor-parallel-size {tp}: a {machine.name} has {cores} logical cores at LNC "
                         f"{lnc}; use 1 to {cores}")
+    for key in ("ep_degree", "moe_tp_degree", "moe_ep_degree"):
+        if user.get(key, 1) < 1:
+            raise PlanError(f"{key}={user[key]}: parallel degrees are positive integers")
     ep = user.get("ep_degree")
     if ep is None:
         ep = 1
@@ -356,7 +359,7 @@ def _layout(cfg: KimiConfig, machine: Instance, tp: int, lnc: int, user: Mapping
     if moe_tp is None:
         moe_tp = max(1, world // moe_ep)
     layout = Layout(lnc, tp, ep, moe_tp, moe_ep)
-    if ep < 1 or world > cores:
+    if world > cores:
         raise PlanError(f"tp_degree {tp} x ep_degree {ep} = {world} ranks: a {machine.name} has {cores} "
                         f"logical cores at LNC {lnc}")
     problems = _divisibility(cfg, layout) if moe_tp * moe_ep == world else []
