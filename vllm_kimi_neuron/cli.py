@@ -73,6 +73,50 @@ def cmd_make_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+def _overrides_arg(text: str | None) -> dict:
+    """``--overrides``: an override_neuron_config object, or a whole --additional-config object."""
+    import json
+
+    from .overrides import OverrideError, validate_additional_config, validate_overrides
+
+    if text is None:
+        return {}
+    try:
+        given = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise OverrideError(f"--overrides is not valid JSON ({exc}); quote it for the shell: "
+                            "--overrides '{\"logical_nc_config\": 2}'") from None
+    if isinstance(given, dict) and any(k.replace("-", "_") in ("override_neuron_config", "max_prompt_length")
+                                       for k in given):
+        return validate_additional_config(given)
+    return validate_overrides(given)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    import json
+
+    from .config import KimiConfig, resolve_model
+    from .plan import DEFAULT_MODEL, make_plan
+
+    cfg = KimiConfig.from_dir(resolve_model(args.model)) if args.model else KimiConfig()
+    plan = make_plan(cfg, args.instance, args.tp, args.max_num_seqs, args.max_model_len,
+                     _overrides_arg(args.overrides), model=args.model or DEFAULT_MODEL)
+    if args.json:
+        print(json.dumps(plan.to_dict(), indent=2))
+        return 0
+    patches = ", ".join(plan.patches) or "none"
+    print(f"plan for {plan.model} on {plan.instance}: --tensor-parallel-size {plan.tp} "
+          f"--max-num-seqs {plan.max_num_seqs} --max-model-len {plan.max_model_len}\n"
+          f"layout: {plan.layout.describe()}\n\n{plan.table()}\n\nrun-time patches: {patches}")
+    if plan.notes:
+        print("notes:\n" + "\n".join(f"  - {note}" for note in plan.notes))
+    keys = ",\n".join(f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in plan.neuron_config.items())
+    print(f"\nserve command:\n  {plan.serve_command()}\n\n"
+          "override_neuron_config (what the plugin compiles for these flags; the command pins it):\n"
+          f"{{\n{keys}\n}}")
+    return 0
+
+
 def _layout(args: argparse.Namespace):  # noqa: ANN202 -- imported lazily
     from .layout import ParallelLayout
 
@@ -207,6 +251,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for readiness")
     p.set_defaults(func=cmd_demo)
 
+    from .plan import INSTANCES
+
+    p = sub.add_parser("plan", help="parallel layout, HBM budget and serve command for a trn2 deployment")
+    p.add_argument("--instance", choices=list(INSTANCES), default="trn2.48xlarge")
+    p.add_argument("--tp", type=int, required=True, help="vLLM --tensor-parallel-size (NxDI tp_degree)")
+    p.add_argument("--max-num-seqs", type=int, required=True, help="vLLM --max-num-seqs (the decode batch)")
+    p.add_argument("--max-model-len", type=int, required=True, help="vLLM --max-model-len")
+    p.add_argument("--overrides", metavar="JSON",
+                   help="override_neuron_config object (or a whole --additional-config object)")
+    p.add_argument("--model", help="model directory or cached Hugging Face id whose config.json to read "
+                                   "(default: Kimi-K2-Instruct-0905's values)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.set_defaults(func=cmd_plan)
+
     p = sub.add_parser("golden", help="golden logprobs from the layer-streaming CPU reference (resumable)")
     p.add_argument("--model", type=Path, required=True, help="checkpoint directory (FP8 or BF16)")
     p.add_argument("--prompts", type=Path, required=True,
@@ -249,10 +307,13 @@ def main(argv: list[str] | None = None) -> int:
     from .config import ConfigError
     from .golden import GoldenError
     from .layout import LayoutError
+    from .overrides import OverrideError
+    from .plan import PlanError
 
     try:
         return int(args.func(args))
-    except (CheckpointError, ConfigError, LayoutError, GoldenError, AccuracyError) as exc:
+    except (CheckpointError, ConfigError, LayoutError, GoldenError, AccuracyError, OverrideError,
+            PlanError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
