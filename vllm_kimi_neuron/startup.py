@@ -661,6 +661,7 @@ class Phase:
         self.total = total
         self.done = done
         self._last_sent = _now()
+        self._unsent = False
         _send_to_owner({"op": "phase", "phase": name, "total": total, "done": done, "unit": unit})
 
     def advance(self, n: int = 1) -> None:
@@ -671,12 +672,19 @@ class Phase:
             self.done = done
         if total is not None:
             self.total = total
-        now = _now()
-        # Cheap enough for one call per tensor: events go out at most twice a second, and always
+        self._unsent = True
+        # Cheap enough for one call per tensor: another process's events go out at most twice a
+        # second (a burst's tail goes with the next one, or when the phase block ends), and always
         # for the last item.
-        if total is not None or now - self._last_sent >= CHILD_SEND_EVERY_S or self.done == self.total:
-            self._last_sent = now
-            _send_to_owner({"op": "progress", "done": self.done, "total": total})
+        if (_tracker is not None or total is not None or _now() - self._last_sent >= CHILD_SEND_EVERY_S
+                or self.done == self.total):
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._unsent:
+            self._unsent = False
+            self._last_sent = _now()
+            _send_to_owner({"op": "progress", "done": self.done, "total": self.total})
 
     def tick(self) -> None:
         _send_to_owner({"op": "tick"})
@@ -686,6 +694,7 @@ class Phase:
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
+        self._flush()
         if exc is not None and not isinstance(exc, KeyboardInterrupt | SystemExit):
             fail(f"{type(exc).__name__}: {exc}")
 
