@@ -97,6 +97,8 @@ def test_kubernetes_manifests_say_what_the_issue_asks() -> None:
     for probe in ("readinessProbe", "livenessProbe"):
         assert server[probe]["httpGet"]["path"] == "/health"
     assert server["lifecycle"]["preStop"]["exec"]["command"][:2] == ["kimi-neuron", "drain"]
+    env = {e["name"]: e["value"] for e in server["env"]}
+    assert env["KIMI_NEURON_STATUS_FILE"].startswith("/tmp/")  # per pod, not on the shared volume
     assert pod["terminationGracePeriodSeconds"] > 300  # longer than the drain
     claim = kinds["PersistentVolumeClaim"]["metadata"]["name"]
     job = kinds["Job"]["spec"]["template"]["spec"]

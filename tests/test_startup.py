@@ -7,6 +7,7 @@ test owns, as systemd's would be for a Type=notify service.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import shutil
@@ -23,7 +24,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from vllm_kimi_neuron import startup
+from vllm_kimi_neuron import patches, startup
 from vllm_kimi_neuron.launch import Server, ServeSpec, free_port, requests_in_flight, wait_idle
 from vllm_kimi_neuron.startup import EXIT_CODES
 
@@ -138,6 +139,27 @@ def test_only_the_api_server_process_owns_the_start() -> None:
     assert startup.process_role({"KIMI_NEURON_STARTUP": "0"}, ["/venv/bin/vllm", "serve"]) == "off"
 
 
+def test_startup_hooks_fit_the_installed_vllm() -> None:
+    # What the e2e tests below rely on: every hook's target exists as expected in this vLLM.
+    for patch in startup.PATCHES:
+        patches.check_version(patch)
+        assert patch.check(importlib.import_module(patch.module)) is None, patch.name
+
+
+def test_an_optional_patch_that_does_not_fit_is_skipped_not_fatal(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    (tmp_path / "kimi_startup_target.py").write_text("class Engine:\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(patches, "_applied", {})
+    monkeypatch.setattr(patches, "_pending", {})
+    wrong = startup._patch("startup-test", "kimi_startup_target", "Engine", "shutdown", "test", print)
+    patches.install([wrong])
+    module = importlib.import_module("kimi_startup_target")  # the import itself must not fail
+    sys.modules.pop("kimi_startup_target")
+    assert patches.applied() == [] and not hasattr(module.Engine, "shutdown")
+    assert "optional patch skipped" in caplog.text and "Engine has no method shutdown" in caplog.text
+
+
 def test_stall_is_reported_stops_extending_the_timeout_and_clears_on_progress(
         tmp_path: Path, listener: NotifyListener) -> None:
     proc = _owner(tmp_path, """
@@ -150,7 +172,8 @@ def test_stall_is_reported_stops_extending_the_timeout_and_clears_on_progress(
         time.sleep(0.5)
         """, KIMI_NEURON_STALL_TIMEOUT_S="1.5", KIMI_NEURON_HEARTBEAT_S="0.2")
     try:
-        listener.wait_for(lambda m: m.startswith("STATUS=starting: compiling 1/3 graphs (33%)"))
+        counted = listener.wait_for(lambda m: m.startswith("STATUS=starting: compiling 1/3 graphs (33%)"))
+        assert ", ETA " in listener.messages[counted]
         extend = [m for m in listener.messages if m.startswith("EXTEND_TIMEOUT_USEC=")]
         assert extend and all(0 < int(m.split("=")[1]) <= (1.5 + 0.4) * 1e6 for m in extend)
         stalled = listener.wait_for(lambda m: m.startswith("STATUS=stalled: no progress in compiling"))
