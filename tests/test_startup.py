@@ -139,6 +139,24 @@ def test_only_the_api_server_process_owns_the_start() -> None:
     assert startup.process_role({"KIMI_NEURON_STARTUP": "0"}, ["/venv/bin/vllm", "serve"]) == "off"
 
 
+def test_ticks_keep_a_phase_without_counts_alive_and_silence_is_a_stall(tmp_path: Path) -> None:
+    settings = startup.Settings(status_file=tmp_path / "s.json", stall_timeout_s=0.4, stall_action="report",
+                                heartbeat_s=0.1, health_url=None)
+    tracker = startup.Tracker(settings, startup.Notifier({}))
+    tracker.begin("compiling")
+    for _ in range(4):  # 0.6 s in all, longer than the stall limit, with a sign of life every 0.15 s
+        time.sleep(0.15)
+        tracker.tick()
+        tracker.heartbeat()
+        assert tracker.state == "starting"
+    time.sleep(0.5)
+    tracker.heartbeat()
+    assert tracker.state == "stalled"
+    message = json.loads((tmp_path / "s.json").read_text())["message"]
+    assert message.startswith("stalled: no progress in compiling for ")
+    assert message.endswith("(KIMI_NEURON_STALL_TIMEOUT_S=0.4)")
+
+
 def test_startup_hooks_fit_the_installed_vllm() -> None:
     # What the e2e tests below rely on: every hook's target exists as expected in this vLLM.
     for patch in startup.PATCHES:

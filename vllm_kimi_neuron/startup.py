@@ -219,7 +219,6 @@ class Notifier:
 class _PhaseRecord:
     phase: str
     started: float  # monotonic
-    started_unix: float
     pid: int
 
 
@@ -275,7 +274,7 @@ class Tracker:
                 self._publish(force_file=True)
                 return
             self._close_phase(now)
-            self.current = _PhaseRecord(phase, now, time.time(), pid or os.getpid())
+            self.current = _PhaseRecord(phase, now, pid or os.getpid())
             self.done, self.total, self.unit = done, total, unit
             self._progressed(now)
             _emit(logging.INFO, f"vllm-kimi-neuron startup: {self._describe(now)}")
