@@ -16,9 +16,10 @@ Code that knows about a phase (the Neuron hooks: converting, compiling) calls::
 
     with startup.phase("compiling", total=n_graphs, unit="graphs") as p:
         ...
-        p.advance()
+        p.advance()      # or p.tick() where there is nothing to count but the work goes on
 
-from any process; outside a ``vllm serve`` it only logs.
+from any process; an exception leaving the block is reported as the start's failure. Outside a
+``vllm serve`` it only logs.
 """
 
 from __future__ import annotations
