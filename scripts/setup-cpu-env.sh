@@ -38,8 +38,21 @@ if [[ "$(cat "$stamp" 2>/dev/null)" != "$want" ]]; then
   echo "$want" > "$stamp"
 fi
 
+# systemd-analyze checks deploy/systemd in the tests; Debian ships it in the systemd package. The
+# other checkers (shellcheck, hadolint, kubernetes-validate, check-jsonschema) are test extras.
+if ! command -v systemd-analyze > /dev/null; then
+  if [[ $(id -u) -eq 0 ]] && command -v apt-get > /dev/null; then
+    step "installing systemd (systemd-analyze verifies deploy/systemd)"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends systemd
+  else
+    echo "warning: no systemd-analyze, and not root with apt-get to install it: the systemd unit" \
+      "check in tests/test_deploy.py will be skipped (install the 'systemd' package)" >&2
+  fi
+fi
+
 step "installing vllm-kimi-neuron (editable) with its test extras"
-"${pip[@]}" install --no-build-isolation -e "$root[test]"
+"${pip[@]}" install --no-build-isolation -e "${root}[test]"
 
 step "checking the environment"
 "$venv/bin/python" - <<'PY'

@@ -200,6 +200,48 @@ def cmd_demo(args: argparse.Namespace) -> int:
             return 0
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    import json
+
+    from . import startup
+
+    path = args.file or startup.default_status_file()
+    deadline = time.monotonic() + args.timeout
+    while True:
+        try:
+            status = startup.read_status(path)
+        except FileNotFoundError:
+            status = None
+        except ValueError as exc:
+            print(f"error: {path} is not a status file ({exc})", file=sys.stderr)
+            return startup.EXIT_NO_STATUS
+        waiting = args.wait and time.monotonic() < deadline
+        if waiting and (status is None or status["state"] in ("starting", "stalled", "stopping")):
+            time.sleep(1.0)
+            continue
+        break
+    if status is None:
+        print(f"error: no status file at {path}. Is the server started (vllm serve, with this package "
+              f"installed)? It writes to ${startup.ENV_STATUS_FILE}, else $RUNTIME_DIRECTORY/status.json, "
+              f"else $KIMI_NEURON_HOME/status.json; pass --file PATH", file=sys.stderr)
+        return startup.EXIT_NO_STATUS
+    print(json.dumps(status, indent=1) if args.json else startup.summary(status))
+    return startup.exit_code(status)
+
+
+def cmd_drain(args: argparse.Namespace) -> int:
+    from .launch import wait_idle
+
+    idle, left = wait_idle(args.url, args.timeout)
+    if left is None:
+        print(f"no server answers at {args.url}/metrics; nothing to drain")
+    elif idle:
+        print(f"{args.url}: no request in flight")
+    else:
+        print(f"{args.url}: {left} request(s) still in flight after {args.timeout:g} s", file=sys.stderr)
+    return 0 if idle else 1
+
+
 def _layout_args(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--tp", type=int, required=required,
                    help="pre-shard for this many tensor-parallel ranks (one file per rank)")
@@ -297,6 +339,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per request")
     p.add_argument("--quiet", action="store_true", help="summary only, no per-position table")
     p.set_defaults(func=cmd_check_accuracy)
+
+    p = sub.add_parser(
+        "status", help="the server's startup status (exit 0 ready, 1 failed, 2 no status, 3 starting, "
+                       "4 stalled, 5 stopping/stopped)")
+    p.add_argument("--file", type=Path, help="status file (default: where the server writes it)")
+    p.add_argument("--json", action="store_true", help="print the status file's JSON")
+    p.add_argument("--wait", action="store_true", help="wait until ready, failed or stopped")
+    p.add_argument("--timeout", type=float, default=float("inf"), help="seconds --wait waits at most")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("drain", help="wait until a server has no request in flight (before SIGTERM)")
+    p.add_argument("--url", default="http://127.0.0.1:8000", help="the server's base URL")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait at most (exit 1 after)")
+    p.set_defaults(func=cmd_drain)
     return parser
 
 
@@ -309,11 +365,12 @@ def main(argv: list[str] | None = None) -> int:
     from .layout import LayoutError
     from .overrides import OverrideError
     from .plan import PlanError
+    from .startup import StartupConfigError
 
     try:
         return int(args.func(args))
     except (CheckpointError, ConfigError, LayoutError, GoldenError, AccuracyError, OverrideError,
-            PlanError) as exc:
+            PlanError, StartupConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

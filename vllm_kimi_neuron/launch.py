@@ -34,6 +34,41 @@ class ServerError(RuntimeError):
     """The server exited or never became healthy; the message ends with its last log lines."""
 
 
+# vLLM's gauges of requests in the engine (same names in vLLM 0.16 and 0.32).
+BUSY_METRICS = ("vllm:num_requests_running", "vllm:num_requests_waiting")
+
+
+def requests_in_flight(base_url: str, timeout: float = 5.0) -> int | None:
+    """Running plus waiting requests from the server's /metrics; None when nothing answers there."""
+    try:
+        with urllib.request.urlopen(base_url.rstrip("/") + "/metrics", timeout=timeout) as resp:
+            text = resp.read().decode()
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        return None
+    total = 0.0
+    for line in text.splitlines():
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        if name in BUSY_METRICS:
+            total += float(line.rsplit(" ", 1)[1])
+    return int(total)
+
+
+def wait_idle(base_url: str, timeout: float, poll: float = 0.5) -> tuple[bool, int | None]:
+    """Wait until the server has no running or waiting request (or does not answer at all).
+
+    For vLLM versions whose SIGTERM aborts in-flight requests (0.16 has no --shutdown-timeout):
+    a supervisor runs this before sending SIGTERM. Returns (idle, requests left).
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        busy = requests_in_flight(base_url)
+        if not busy:
+            return True, busy
+        if time.monotonic() >= deadline:
+            return False, busy
+        time.sleep(poll)
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))

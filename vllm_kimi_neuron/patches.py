@@ -36,6 +36,9 @@ class Patch:
     check: Callable[[ModuleType], str | None]  # None if the target looks as expected, else why not
     apply: Callable[[ModuleType], None]
     diff: str | None = None  # the equivalent file under patches/, for image builders
+    # Optional patches only add observability (startup progress): one that cannot apply is skipped
+    # with a warning instead of stopping vLLM.
+    optional: bool = False
 
 
 _applied: dict[str, ModuleType] = {}
@@ -68,6 +71,15 @@ def check_version(patch: Patch) -> None:
 def _apply_now(patch: Patch, module: ModuleType) -> None:
     if patch.name in _applied:
         return
+    try:
+        _check_and_apply(patch, module)
+    except PatchError as exc:
+        if not patch.optional:
+            raise
+        logger.warning("vllm-kimi-neuron: optional patch skipped: %s", exc)
+
+
+def _check_and_apply(patch: Patch, module: ModuleType) -> None:
     check_version(patch)
     problem = patch.check(module)
     if problem is not None:

@@ -13,7 +13,7 @@ import os
 import sys
 from typing import Literal
 
-from . import __version__
+from . import __version__, startup
 
 Mode = Literal["neuron", "inert"]
 LOG_PREFIX = "vllm-kimi-neuron"
@@ -36,7 +36,8 @@ def register() -> Mode:
     mode = detect_mode()
     _registered_mode = mode
     detail = _install_neuron_hooks() if mode == "neuron" else "vllm-neuron not installed; no hooks installed"
-    line = f"{LOG_PREFIX} {__version__} registered in pid {os.getpid()}: mode={mode} ({detail})"
+    line = (f"{LOG_PREFIX} {__version__} registered in pid {os.getpid()}: mode={mode} ({detail}; "
+            f"{startup.install()})")
     if logger.hasHandlers():
         logger.info(line)
     else:
