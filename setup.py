@@ -13,6 +13,8 @@ version = re.search(
     r'^__version__ = "([^"]+)"', Path("vllm_kimi_neuron/__init__.py").read_text(), re.M
 ).group(1)
 
+BENCH = ["httpx", "numpy", "tqdm", "matplotlib", "transformers"]
+
 setup(
     name="vllm-kimi-neuron",
     version=version,
@@ -22,7 +24,11 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["vllm_kimi_neuron", "vllm_kimi_neuron.*"]),
     install_requires=["torch>=2.5", "safetensors>=0.4", "tokenizers>=0.19"],
-    extras_require={"test": ["pytest", "pytest-timeout", "openai", "ruff", "transformers"]},
+    extras_require={
+        # `kimi-neuron bench` / benchmarks/serve.py; the tests run it, so they need it too.
+        "bench": BENCH,
+        "test": ["pytest", "pytest-timeout", "openai", "ruff", *BENCH],
+    },
     entry_points={
         # A general plugin, not a platform plugin: vllm-neuron is the platform plugin on trn2
         # and vLLM refuses to start with two.

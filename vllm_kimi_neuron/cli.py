@@ -156,6 +156,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
             return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import BenchError, run
+    from .launch import ServerError
+
+    try:
+        return run(args)
+    except (BenchError, ServerError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
 def _layout_args(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--tp", type=int, required=required,
                    help="pre-shard for this many tensor-parallel ranks (one file per rank)")
@@ -239,6 +250,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per request")
     p.add_argument("--quiet", action="store_true", help="summary only, no per-position table")
     p.set_defaults(func=cmd_check_accuracy)
+
+    from .bench import add_arguments
+
+    p = sub.add_parser("bench", help="serving benchmark, comparison or load test over the OpenAI API "
+                       "(same as benchmarks/serve.py)")
+    add_arguments(p)
+    p.set_defaults(func=cmd_bench)
     return parser
 
 
