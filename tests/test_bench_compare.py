@@ -60,8 +60,9 @@ def test_plugin_loaded_vs_not_interleaved_with_ratios(tiny_bf16: Path, tmp_path:
         per_round = [p50(o, row["value"], "tpot_ms", rnd) / p50(b, row["value"], "tpot_ms", rnd)
                      for rnd in (0, 1)]
         assert row["tpot_p50_ratio_per_round"] == pytest.approx(per_round)
+        assert row["tpot_p50_ratio_median_of_rounds"] == pytest.approx(sum(per_round) / 2)
     md = (tmp_path / "results.md").read_text()
-    assert "## with kimi_neuron / without kimi_neuron" in md
+    assert "## with kimi_neuron / without kimi_neuron\n" in md
     assert f"| c=1 | {p50(b, 1, 'tpot_ms'):.2f} | {p50(o, 1, 'tpot_ms'):.2f} |" in md
 
     # Both servers were stopped with the tool.
