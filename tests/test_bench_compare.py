@@ -22,6 +22,7 @@ def test_plugin_loaded_vs_not_interleaved_with_ratios(tiny_bf16: Path, tmp_path:
     r = subprocess.run([*CLI, "--serve", str(tiny_bf16), "--max-model-len", "256",
                         "--compare-without-plugin", "kimi_neuron", "--rounds", "2", "--concurrency", "1,2",
                         "--num-prompts", "2", "--input-len", "16", "--output-len", "6", "--warmup", "1",
+                        "--max-tpot-ratio", "1.02",
                         "--out", str(tmp_path), "--no-progress"],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -60,10 +61,14 @@ def test_plugin_loaded_vs_not_interleaved_with_ratios(tiny_bf16: Path, tmp_path:
         per_round = [p50(o, row["value"], "tpot_ms", rnd) / p50(b, row["value"], "tpot_ms", rnd)
                      for rnd in (0, 1)]
         assert row["tpot_p50_ratio_per_round"] == pytest.approx(per_round)
-        assert row["tpot_p50_ratio_median_of_rounds"] == pytest.approx(sum(per_round) / 2)
+        median = sum(per_round) / 2
+        assert row["tpot_p50_ratio_median_of_rounds"] == pytest.approx(median)
+        assert row["goal"] == {"max_tpot_ratio": 1.02, "met": median <= 1.02}
     md = (tmp_path / "results.md").read_text()
     assert "## with kimi_neuron / without kimi_neuron\n" in md
     assert f"| c=1 | {p50(b, 1, 'tpot_ms'):.2f} | {p50(o, 1, 'tpot_ms'):.2f} |" in md
+    verdicts = re.findall(r"median TPOT ratio <= 1.02: (met|MISSED) \|$", md, re.M)
+    assert verdicts == ["met" if row["goal"]["met"] else "MISSED" for row in result["comparison"]]
 
     # Both servers were stopped with the tool.
     for target in (base, other):

@@ -572,7 +572,7 @@ async def sweep(args: argparse.Namespace, targets: list[Target], maker: PromptMa
                for s in specs for t in targets]
     result: dict[str, Any] = {"runs": runs, "summary": summary}
     if len(targets) == 2:
-        result["comparison"] = compare(runs, summary, targets, specs)
+        result["comparison"] = compare(runs, summary, targets, specs, args.max_tpot_ratio)
     return result
 
 
@@ -585,9 +585,10 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 
 def compare(runs: list[dict[str, Any]], summary: list[dict[str, Any]], targets: list[Target],
-            specs: list[RunSpec]) -> list[dict[str, Any]]:
+            specs: list[RunSpec], max_tpot_ratio: float | None) -> list[dict[str, Any]]:
     """other / base for pooled p50 latencies and throughput, plus per-round TPOT ratios and their
-    median (a burst of load from elsewhere spoils one round's ratio, not the median)."""
+    median (a burst of load from elsewhere spoils one round's ratio, not the median). A goal on
+    that median is reported as met or missed, never enforced."""
     import numpy as np
 
     base, other = targets[0].label, targets[1].label
@@ -600,14 +601,17 @@ def compare(runs: list[dict[str, Any]], summary: list[dict[str, Any]], targets: 
         b, o = pick(summary, base)[0], pick(summary, other)[0]
         per_round = [_ratio(_p50(rb, "tpot_ms"), _p50(ro, "tpot_ms"))
                      for rb, ro in zip(pick(runs, base), pick(runs, other), strict=True)]
+        known = [x for x in per_round if x is not None]
+        median = float(np.median(known)) if known else None
         rows.append({
             "kind": spec.kind, "value": spec.value, "base": base, "other": other,
             "p50_ratio": {m: _ratio(_p50(b, m), _p50(o, m)) for m in LATENCIES},
             "output_throughput_ratio": _ratio(b["throughput"]["output_tokens_per_s"],
                                               o["throughput"]["output_tokens_per_s"]),
             "tpot_p50_ratio_per_round": per_round,
-            "tpot_p50_ratio_median_of_rounds": (float(np.median(known)) if (known := [
-                x for x in per_round if x is not None]) else None),
+            "tpot_p50_ratio_median_of_rounds": median,
+            "goal": None if max_tpot_ratio is None else {
+                "max_tpot_ratio": max_tpot_ratio, "met": median is not None and median <= max_tpot_ratio},
         })
     return rows
 
@@ -776,7 +780,7 @@ def markdown(result: dict[str, Any]) -> str:
         rows = result["comparison"]
         head = ("| load | TPOT p50 base ms | TPOT p50 other ms | TPOT ratio (pooled) | TPOT ratio "
                 "(median of rounds) | per-round TPOT ratios | TTFT ratio | ITL ratio | E2E ratio | "
-                "output tok/s ratio |")
+                "output tok/s ratio |" + (" goal |" if rows[0]["goal"] else ""))
         lines += ["", f"## {rows[0]['other']} / {rows[0]['base']}", "",
                   f"p50 ratios; latency > 1: {rows[0]['other']} is slower; throughput > 1: it is faster.",
                   "", head, "|" + "---|" * (head.count("|") - 1)]
@@ -791,7 +795,9 @@ def markdown(result: dict[str, Any]) -> str:
                 f"{_fmt(ratio['tpot_ms'], 3)} | {_fmt(r['tpot_p50_ratio_median_of_rounds'], 3)} | "
                 f"{rounds} | {_fmt(ratio['ttft_ms'], 3)} | "
                 f"{_fmt(ratio['itl_ms'], 3)} | {_fmt(ratio['e2el_ms'], 3)} | "
-                f"{_fmt(r['output_throughput_ratio'], 3)} |")
+                f"{_fmt(r['output_throughput_ratio'], 3)} |"
+                + (f" median TPOT ratio <= {r['goal']['max_tpot_ratio']:g}: "
+                   f"{'met' if r['goal']['met'] else 'MISSED'} |" if r["goal"] else ""))
     return "\n".join(lines) + "\n"
 
 
@@ -916,6 +922,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     cmp.add_argument("--compare-serve-arg", action="append", default=[], metavar="ARG",
                      help="with --serve: extra `vllm serve` argument of the other server only (repeat)")
     cmp.add_argument("--labels", nargs=2, metavar=("BASE", "OTHER"), help="names of the two arms")
+    cmp.add_argument("--max-tpot-ratio", type=float, metavar="R",
+                     help="goal: median per-round TPOT ratio <= R, printed as met or missed (e.g. 1.02)")
     cmp.add_argument("--rounds", type=int,
                      help="repetitions, order alternating (default 3 when comparing, else 1)")
 
