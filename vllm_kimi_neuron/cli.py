@@ -242,6 +242,17 @@ def cmd_drain(args: argparse.Namespace) -> int:
     return 0 if idle else 1
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import BenchError, run
+    from .launch import ServerError
+
+    try:
+        return run(args)
+    except (BenchError, ServerError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
 def _layout_args(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--tp", type=int, required=required,
                    help="pre-shard for this many tensor-parallel ranks (one file per rank)")
@@ -353,6 +364,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--url", default="http://127.0.0.1:8000", help="the server's base URL")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait at most (exit 1 after)")
     p.set_defaults(func=cmd_drain)
+
+    from .bench import add_arguments
+
+    p = sub.add_parser("bench", help="serving benchmark, comparison or load test over the OpenAI API "
+                       "(same as benchmarks/serve.py)")
+    add_arguments(p)
+    p.set_defaults(func=cmd_bench)
     return parser
 
 

