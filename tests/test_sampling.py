@@ -267,6 +267,9 @@ def test_same_tokens_with_one_thread_and_with_several() -> None:
     V, B = 4096, 48
     requests = _requests(rng, B, V)
     x = _logits(rng, B, V)
+    # flat rows with a wide nucleus take the sorted path, which runs on the worker threads
+    x[:6] = 0.01 * torch.randn(6, V)
+    requests[:6] = [(SamplingParams(temperature=1.0, top_p=0.9, seed=i), [1], []) for i in range(6)]
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -296,6 +299,36 @@ def test_noise_without_the_compiled_kernel_matches_it(monkeypatch: pytest.Monkey
     monkeypatch.setattr(sampling, "_fused_gumbel_op", lambda: None)
     assert torch.equal(gumbel_full_rows(rows, seeds), kernel)
     assert int(kernel[2]) == 17 and int(kernel[3]) == 0
+
+
+def test_whole_row_draws_without_the_compiled_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Where vLLM has no CPU kernel (Neuron's build), rows without top-k/top-p/min-p draw by inverting
+    # the cumulative distribution: the softmax's distribution, reproducible per seed.
+    V, draws = 300, 20000
+    x = torch.randn(1, V) * 2
+    x[0, 100:] = -math.inf  # removed tokens are never drawn
+    temperature = torch.tensor([0.8])
+    seeds = torch.arange(draws)
+    rows = torch.zeros(draws, dtype=torch.int64)
+    got = sampling.categorical_rows(x, rows, temperature.expand(draws), seeds)
+    assert int(got.max()) < 100
+    freq = torch.bincount(got, minlength=V).double() / draws
+    expected = torch.softmax(x[0].double() / 0.8, dim=0)
+    # each frequency within 5 standard deviations of its binomial expectation
+    assert bool(((freq - expected).abs() <= 5 * (expected * (1 - expected) / draws).sqrt() + 1e-9).all())
+    assert torch.equal(sampling.categorical_rows(x, rows[:50], temperature.expand(50), seeds[:50]), got[:50])
+    nothing_left = torch.full((1, V), -math.inf)
+    assert int(sampling.categorical_rows(nothing_left, rows[:1], temperature, seeds[:1])) == 0
+    # the sampler takes this path when the kernel is missing; truncated rows still match vLLM
+    monkeypatch.setattr(sampling, "_fused_gumbel_op", lambda: None)
+    requests = [(SamplingParams(temperature=0.8, seed=1), [1], []),
+                (SamplingParams(temperature=0.8, top_k=20, top_p=0.9, seed=2), [1], [])]
+    torch.manual_seed(0)
+    out = KimiSampler()(x.expand(2, V).clone(), vllm_batch(requests, V).sampling_metadata)
+    torch.manual_seed(0)
+    ref = Sampler()(x.expand(2, V).clone(), vllm_batch(requests, V).sampling_metadata)
+    assert int(out.sampled_token_ids[0, 0]) < 100
+    assert int(out.sampled_token_ids[1, 0]) == int(ref.sampled_token_ids[1, 0])
 
 
 def test_prompt_logprobs_gather_matches_vllm() -> None:

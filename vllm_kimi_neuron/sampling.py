@@ -56,7 +56,6 @@ GROW_LIMIT = 0.25
 
 _NEG_INF = float("-inf")
 _MASK64 = (1 << 64) - 1
-ROWS_PER_THREAD = 8  # a thread per this many rows at least: below it, handing off costs more than it saves
 T_ = TypeVar("T_")
 
 
@@ -179,8 +178,10 @@ def gumbel_full_rows(scaled: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
     op = _fused_gumbel_op()
     if op is not None:
         return op(scaled.contiguous(), seeds.to(torch.int64))
-    return torch.tensor([_gumbel_row(scaled[r], seeds[r : r + 1]) for r in range(scaled.shape[0])],
-                        dtype=torch.int64)
+    def part(sl: slice) -> list[int]:
+        return [_gumbel_row(scaled[r], seeds[r : r + 1]) for r in range(sl.start, sl.stop)]
+
+    return torch.tensor([t for got in run_sharded(part, scaled.shape[0]) for t in got], dtype=torch.int64)
 
 
 def _gumbel_row(row: torch.Tensor, seed: torch.Tensor, slice_len: int = 16384) -> int:
@@ -203,6 +204,49 @@ def _gumbel_row(row: torch.Tensor, seed: torch.Tensor, slice_len: int = 16384) -
         contenders.append(tok[sc > best - 1.0])
     tokens = torch.unique(torch.cat(contenders))
     return int(tokens[_gumbel_winner(row[tokens][None], tokens[None], seed)[0]])
+
+
+def _uniforms(seeds: torch.Tensor) -> torch.Tensor:
+    """One float64 uniform in (0, 1) per seed, from a SplitMix64 stream apart from the noise's."""
+    bits = _shr(_splitmix64(_splitmix64(seeds.to(torch.int64)) ^ _i64(_MIX2)), 11)
+    return (bits.to(torch.float64) + 0.5) * 2.0**-53
+
+
+def categorical_rows(x: torch.Tensor, rows: torch.Tensor, temperature: torch.Tensor, seeds: torch.Tensor,
+                     block: int = BLOCK) -> torch.Tensor:
+    """A draw from softmax(x[r] / T) for each row, by inverting its cumulative distribution with one
+    uniform per seed: exact in distribution, reproducible per seed, one ``exp`` pass per row. Used for
+    whole-row draws where vLLM's CPU kernel is missing (Neuron's vLLM build): computing that
+    kernel's per-token noise in torch would cost several times a step."""
+    V = x.shape[1]
+    full = V // block * block
+    u = _uniforms(seeds)
+    out = torch.zeros(rows.numel(), dtype=torch.int64)
+    buf = torch.empty(V, dtype=torch.float32)
+    for i, r in enumerate(rows.tolist()):
+        torch.div(x[r], temperature[i].to(torch.float32), out=buf)
+        top = buf.max()
+        if not bool(torch.isfinite(top)):
+            continue  # nothing left (all -inf): token 0, as vLLM's kernel answers
+        buf.sub_(top).exp_()
+        sums = buf[:full].view(-1, block).sum(dim=1, dtype=torch.float64)
+        if full < V:
+            sums = torch.cat([sums, buf[full:].sum(dtype=torch.float64)[None]])
+        cum = torch.cumsum(sums, dim=0)
+        target = u[i] * cum[-1]
+        # The first block, then token, whose cumulative mass passes the target. Only when rounding
+        # puts the target past the last cumulative value (clamped to the end) can the pick have no
+        # mass: then the last token before it that has some.
+        b = min(int(torch.searchsorted(cum, target, right=True)), cum.numel() - 1)
+        while float(sums[b]) == 0.0:
+            b -= 1
+        seg = buf[b * block : min(V, (b + 1) * block)].double()
+        within = torch.cumsum(seg, dim=0) + (float(cum[b - 1]) if b else 0.0)
+        j = min(int(torch.searchsorted(within, target, right=True)), seg.numel() - 1)
+        while float(seg[j]) == 0.0:
+            j -= 1
+        out[i] = b * block + j
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -462,7 +506,8 @@ def exact_row(row: torch.Tensor, params: RowParams, i: int, use_min_p: bool) -> 
 
 def row_normaliser(x: torch.Tensor, rows: torch.Tensor, temperature: torch.Tensor,
                    top: torch.Tensor) -> torch.Tensor:
-    """Per row: sum of exp(x/T - top) over the row, one row at a time so it stays in cache."""
+    """Per row: sum of exp(x/T - top) over the row, a row at a time so that it stays in cache (each
+    op's intra-op threads split the row: on 2 cores that beat a row per worker thread)."""
     out = torch.empty(rows.numel(), dtype=torch.float64)
     buf = torch.empty(x.shape[1], dtype=torch.float32)
     for i, r in enumerate(rows.tolist()):
@@ -498,15 +543,23 @@ STAGE1_MAX_K = 128  # top-k rows up to this k start from the k+1 best blocks
 
 
 def sample_random_rows(x: torch.Tensor, rows: torch.Tensor, bm: torch.Tensor, params: RowParams,
-                       min_p_active: bool, block: int = BLOCK) -> torch.Tensor:
+                       min_p_active: bool, x_is_scratch: bool = False, block: int = BLOCK) -> torch.Tensor:
     """Random draws for rows ``rows`` of ``x`` (``bm``: their block maxima), exactly as vLLM's CPU
-    sampler draws them. ``min_p_active``: the batch runs vLLM's min-p processor."""
+    sampler draws them. ``min_p_active``: the batch runs vLLM's min-p processor. ``x_is_scratch``:
+    rows drawn from the whole row may be scaled in place (as vLLM's sampler does)."""
     R, V = rows.numel(), x.shape[1]
     tokens = torch.zeros(R, dtype=torch.int64)
     trunc = params.truncated
     pure = torch.nonzero(~trunc).flatten()
-    if pure.numel():
-        scaled = x[rows[pure]] / params.temperature[pure, None].to(torch.float32)
+    if pure.numel() and _fused_gumbel_op() is None:
+        tokens[pure] = categorical_rows(x, rows[pure], params.temperature[pure], params.seeds[pure], block)
+    elif pure.numel():
+        T = params.temperature[pure, None].to(torch.float32)
+        first, n = int(rows[pure[0]]), pure.numel()
+        if x_is_scratch and torch.equal(rows[pure], torch.arange(first, first + n)):
+            scaled = x[first : first + n].div_(T)  # a run of whole rows: no copy
+        else:
+            scaled = x[rows[pure]] / T
         tokens[pure] = gumbel_full_rows(scaled, params.seeds[pure])
     tr = torch.nonzero(trunc).flatten()
     if tr.numel() == 0:
@@ -546,8 +599,12 @@ def sample_random_rows(x: torch.Tensor, rows: torch.Tensor, bm: torch.Tensor, pa
         kmax = int(sub.top_k[big].max())
         settle(big, top_block_candidates(x, trows[big], tbm[big], V, kmax + 8, block))
     # The rest: vLLM's own algorithm on the full row (a sort), which these rows would cost anyway.
-    for j in torch.nonzero(status != DONE).flatten().tolist():
-        tokens[tr[j]] = exact_row(x[trows[j]], sub, j, min_p_active)
+    redo = torch.nonzero(status != DONE).flatten()
+    if redo.numel():
+        def part(sl: slice) -> list[int]:
+            return [exact_row(x[trows[j]], sub, j, min_p_active) for j in redo[sl].tolist()]
+
+        tokens[tr[redo]] = torch.tensor([t for got in run_sharded(part, redo.numel()) for t in got])
     return tokens
 
 
@@ -556,7 +613,8 @@ def sample_random_rows(x: torch.Tensor, rows: torch.Tensor, bm: torch.Tensor, pa
 # ----------------------------------------------------------------------------------------------
 
 def row_log_sum(x: torch.Tensor, rows: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
-    """Per row: log(sum(exp(x - top))), the float32 term ``log_softmax`` subtracts."""
+    """Per row: log(sum(exp(x - top))), the float32 term ``log_softmax`` subtracts (a row at a time,
+    as :func:`row_normaliser`)."""
     out = torch.empty(rows.numel(), dtype=torch.float32)
     buf = torch.empty(x.shape[1], dtype=torch.float32)
     for i, r in enumerate(rows.tolist()):
@@ -698,16 +756,19 @@ def _single_threaded_worker() -> None:
 
 
 def row_shards(n_rows: int) -> list[slice]:
-    """Contiguous row ranges, one per intra-op thread of the caller (vLLM sets that count)."""
-    workers = torch.get_num_threads()
-    if workers <= 1 or n_rows < ROWS_PER_THREAD * 2:
+    """Contiguous row ranges, one per intra-op thread of the calling thread (vLLM sets that count;
+    the worker threads have one, so work handed to them never nests)."""
+    workers = min(torch.get_num_threads(), n_rows)
+    if workers <= 1:
         return [slice(0, n_rows)]
-    size = max(-(-n_rows // workers), ROWS_PER_THREAD)
+    size = -(-n_rows // workers)
     return [slice(i, min(i + size, n_rows)) for i in range(0, n_rows, size)]
 
 
 def run_sharded(fn: Callable[[slice], T_], n_rows: int) -> list[T_]:
-    """``fn`` on each row shard, the shards in parallel on single-threaded worker threads."""
+    """``fn`` on each row shard, the shards in parallel on single-threaded worker threads (their
+    torch ops release the GIL); results in row order. For rows that each cost a lot (a sort): for
+    light per-row work, single torch ops on their intra-op threads were faster (measured on 2 cores)."""
     global _pool, _pool_size
     shards = row_shards(n_rows)
     if len(shards) == 1:
@@ -996,34 +1057,21 @@ def kimi_sampler_class() -> type:
             raw = x.clone() if n_lp is not None and batch_modifies_logits(md) else x
             apply_logits_processing(x, md)
             params, greedy, min_p_active = self._row_params(md, B, V)
+            # The passes over whole rows are single torch ops (their intra-op threads split the rows);
+            # the per-row loops inside run on the worker threads.
+            bm = block_max(x)
             sampled = torch.empty(B, dtype=torch.int64)
-            maxima: dict[int, torch.Tensor] = {}
-
-            def sample_shard(rows: slice) -> None:
-                idx = torch.arange(rows.start, rows.stop)
-                bm = block_max(x[rows])
-                maxima[rows.start] = bm
-                g = greedy[rows]
-                out = torch.empty(idx.numel(), dtype=torch.int64)
-                gi, ri = torch.nonzero(g).flatten(), torch.nonzero(~g).flatten()
-                if gi.numel():
-                    out[gi] = greedy_from_blocks(x, idx[gi], bm[gi])
-                if ri.numel():
-                    assert params is not None
-                    out[ri] = sample_random_rows(x, idx[ri], bm[ri], params.subset(idx[ri]), min_p_active)
-                sampled[rows] = out
-
-            run_sharded(sample_shard, B)
+            gi, ri = torch.nonzero(greedy).flatten(), torch.nonzero(~greedy).flatten()
+            if gi.numel():
+                sampled[gi] = greedy_from_blocks(x, gi, bm if gi.numel() == B else bm[gi])
+            if ri.numel():
+                assert params is not None
+                sampled[ri] = sample_random_rows(x, ri, bm if ri.numel() == B else bm[ri], params.subset(ri),
+                                                 min_p_active, x_is_scratch=raw is not x or n_lp is None)
             logprobs_tensors = None
             if n_lp is not None:
-                def logprob_shard(rows: slice) -> Logprobs:
-                    bm = maxima[rows.start] if raw is x else block_max(raw[rows])
-                    return raw_logprobs(raw, torch.arange(rows.start, rows.stop), bm, sampled[rows], n_lp)
-
-                parts = run_sharded(logprob_shard, B)
-                logprobs_tensors = LogprobsTensors(torch.cat([p.token_ids for p in parts]),
-                                                   torch.cat([p.logprobs for p in parts]),
-                                                   torch.cat([p.ranks for p in parts]))
+                got = raw_logprobs(raw, torch.arange(B), bm if raw is x else block_max(raw), sampled, n_lp)
+                logprobs_tensors = LogprobsTensors(got.token_ids, got.logprobs, got.ranks)
             return SamplerOutput(sampled_token_ids=sampled.to(torch.int32).unsqueeze(-1),
                                  logprobs_tensors=logprobs_tensors)
 
@@ -1050,10 +1098,12 @@ def vllm_batch(requests: Sequence[tuple[Any, Sequence[int], Sequence[int]]], voc
     from vllm.v1.worker.gpu_input_batch import CachedRequestState, InputBatch
 
     longest = max((len(p) + len(o) for _, p, o in requests), default=1) + 1
+    config = VllmConfig()
+    config.scheduler_config.max_num_seqs = max(len(requests), 1)  # sizes the processors' buffers
     batch = InputBatch(max_num_reqs=max(len(requests), 1), max_model_len=longest, max_num_batched_tokens=4096,
                        device=torch.device("cpu"), vocab_size=vocab_size, block_sizes=[16],
                        max_num_blocks_per_req=[longest // 16 + 1],
-                       logitsprocs=build_logitsprocs(VllmConfig(), torch.device("cpu"), False, False,
+                       logitsprocs=build_logitsprocs(config, torch.device("cpu"), False, False,
                                                      custom_logitsprocs))
     for i, (params, prompt, output) in enumerate(requests):
         # the model runner gives a request its own generator when it has a seed and is random
