@@ -234,6 +234,36 @@ def test_boundary_cases_go_through_the_exact_row_path_and_match(monkeypatch: pyt
     assert calls, "no row took the exact path"
 
 
+def test_wide_nucleus_is_found_without_sorting_the_row(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Flat logits: top-p 0.9 keeps most of the 163,840 tokens, min-p 0.01 too. No row may fall back
+    # to the sort of vLLM's algorithm, and the tokens must still be vLLM's.
+    calls = {"wide": 0, "sorted": 0}
+    wide, exact = sampling.wide_row, sampling.exact_row
+
+    def counting_wide(*a: object) -> int | None:
+        got = wide(*a)
+        calls["wide"] += got is not None
+        return got
+
+    monkeypatch.setattr(sampling, "wide_row", counting_wide)
+    def counting_exact(*a: object) -> int:
+        calls["sorted"] += 1
+        return exact(*a)
+
+    monkeypatch.setattr(sampling, "exact_row", counting_exact)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(6, KIMI_VOCAB, generator=g)
+    x[5, 1000:] = -math.inf
+    requests = [(SamplingParams(temperature=t, top_p=0.9, seed=i), [1], [])
+                for i, t in enumerate((1.0, 0.5, 1.7))]
+    requests += [(SamplingParams(temperature=1.0, min_p=0.01, seed=7), [1], []),
+           (SamplingParams(temperature=0.8, top_p=0.95, seed=8, logprobs=2), [1], []),
+           (SamplingParams(temperature=1.0, top_p=0.99, seed=9), [1], [])]
+    for seed in range(2):
+        _assert_same(*_run(x, requests, KIMI_VOCAB, seed=seed))
+    assert calls == {"wide": 12, "sorted": 0}
+
+
 def test_exact_row_path_matches_vllm_on_every_kind_of_row() -> None:
     # The path taken when rounding decides, run directly on every random row of random batches.
     rng = random.Random(5)

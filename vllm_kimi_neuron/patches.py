@@ -291,6 +291,8 @@ _METADATA_FIELDS = ("temperature", "all_greedy", "all_random", "top_p", "top_k",
                     "presence_penalties", "repetition_penalties", "output_token_ids",
                     "allowed_token_ids_mask", "bad_words_token_ids", "logitsprocs")
 _BUILTIN = "vllm.v1.sample.logits_processor.builtin"
+_PROCESSORS = Expect("vllm.v1.sample.logits_processor", "LogitsProcessors", has=("all",),
+                     source=("self.argmax_invariant", "self.non_argmax_invariant"))
 
 # What the host sampler takes from vLLM 0.32 (CPU) as the definition of its semantics.
 _VLLM_CPU_SEMANTICS = (
@@ -316,6 +318,7 @@ _VLLM_CPU_SEMANTICS = (
         "probability_values < adjusted_min_p")),
     Expect(_BUILTIN, "LogitBiasLogitsProcessor", source=("self.biases",)),
     Expect(_BUILTIN, "MinTokensLogitsProcessor", source=("self.min_toks",)),
+    _PROCESSORS,
     Expect("vllm.model_executor.layers.utils", "apply_penalties", source=(
         "logits -= frequency_penalties.unsqueeze(dim=1) * output_bin_counts",
         "logits -= presence_penalties.unsqueeze(dim=1) * output_mask")),
@@ -374,6 +377,7 @@ PATCHES: tuple[Patch, ...] = (
             Expect(_BUILTIN, "MinPLogitsProcessor", source=("self.min_p_count", "self.min_p")),
             Expect(_BUILTIN, "LogitBiasLogitsProcessor", source=("self.biases",)),
             Expect(_BUILTIN, "MinTokensLogitsProcessor", source=("self.min_toks",)),
+            _PROCESSORS,
         ),
         diff="vllm-neuron-0.5-runner-host-sampler.diff",
         enabled=lambda: sampler_choice() == "kimi",

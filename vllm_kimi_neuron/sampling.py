@@ -483,6 +483,70 @@ def draw_truncated(cand: Candidates, params: RowParams,
     return token, torch.where(regular, status, AMBIGUOUS)
 
 
+WIDE_BINS = 4096  # value bins of the mass histogram of a row with a wide nucleus
+
+
+def _boundary(vals: torch.Tensor, before: torch.Tensor, lo: float, hi: float) -> tuple[int, int]:
+    """Of descending ``vals`` with the mass ``before`` each: how many are surely kept (mass before
+    below ``lo``) and how many possibly (below ``hi``), widened to whole runs of equal values (vLLM's
+    unstable sort orders those arbitrarily) and keeping at least the first."""
+    s = vals[None]
+    start, end = _group_bounds(s)
+    sure = max(int((before < lo).sum()), 1)
+    maybe = max(int((before < hi).sum()), 1)
+    if int(end[0, sure - 1]) > sure:
+        sure = int(start[0, sure - 1])
+    return sure, int(end[0, maybe - 1])
+
+
+def wide_row(row: torch.Tensor, params: RowParams, i: int) -> int | None:
+    """Row ``i`` when its kept tokens are a large part of the row (a flat distribution) and only
+    top-p or only min-p truncates it: no sort of the row. For top-p, the row's mass by value bins
+    (one pass) locates the nucleus boundary and only the tokens of the boundary bins are sorted; for
+    min-p the threshold is explicit. The draw runs over the possibly kept tokens (vLLM's kernel on the
+    masked row, or the inverse CDF where the kernel is missing). Returns None when the winner is not
+    surely kept (rounding decides): the caller then redoes the row as vLLM does."""
+    s = row / params.temperature[i].to(torch.float32)
+    top = s.max()
+    if not bool(torch.isfinite(top)):
+        return None
+    w = (s - top).exp_()  # relative weights; 0 for removed (-inf) tokens
+    min_p = float(params.min_p[i])
+    if min_p > 0:
+        sure = w >= min_p * (1 + MIN_P_MARGIN)
+        maybe = w >= min_p * (1 - MIN_P_MARGIN)
+    else:
+        finite = s > _NEG_INF
+        span = float(top - s.masked_fill(~finite, math.inf).min())
+        if span == 0.0:
+            return None  # one run of equal values: vLLM's sort decides
+        # any binning that does not increase with the value will do: the same bins are used below
+        bins = torch.sub(top, s).mul_(WIDE_BINS / span).floor_().clamp_(0, WIDE_BINS - 1).long()
+        mass = torch.bincount(bins, weights=w.double(), minlength=WIDE_BINS)  # float64 sums
+        before_bin = torch.cumsum(mass, dim=0) - mass
+        total, p = float(mass.sum()), float(params.top_p[i])
+        lo, hi = (p - MASS_MARGIN) * total, (p + MASS_MARGIN) * total
+        first = int(torch.nonzero(before_bin + mass > lo)[0])  # bins before it are surely kept
+        last = int(torch.nonzero(before_bin < hi)[-1])  # bins after it are surely cut
+        band = torch.nonzero(finite & (bins >= first) & (bins <= last)).flatten()
+        order = torch.sort(s[band], descending=True, stable=True)
+        ids = band[order.indices]
+        ew = w[ids].double()
+        before = float(before_bin[first]) + torch.cumsum(ew, dim=0) - ew
+        j_sure, j_maybe = _boundary(order.values, before, lo, hi)
+        sure = finite & (bins < first)
+        maybe = sure.clone()
+        sure[ids[:j_sure]] = True
+        maybe[ids[:j_maybe]] = True
+    kept = s.masked_fill(~maybe, _NEG_INF)[None]
+    if _fused_gumbel_op() is not None:
+        token = int(gumbel_full_rows(kept, params.seeds[i : i + 1])[0])
+    else:
+        token = int(categorical_rows(kept, torch.zeros(1, dtype=torch.int64), torch.ones(1),
+                                     params.seeds[i : i + 1])[0])
+    return token if bool(sure[token]) else None
+
+
 def exact_row(row: torch.Tensor, params: RowParams, i: int, use_min_p: bool) -> int:
     """Row ``i`` the way vLLM's CPU sampler does it: divide by the temperature, min-p on the
     float32 softmax, top-k and top-p on the sorted row, then the Gumbel-max draw."""
@@ -598,11 +662,18 @@ def sample_random_rows(x: torch.Tensor, rows: torch.Tensor, bm: torch.Tensor, pa
     if big.numel():
         kmax = int(sub.top_k[big].max())
         settle(big, top_block_candidates(x, trows[big], tbm[big], V, kmax + 8, block))
-    # The rest: vLLM's own algorithm on the full row (a sort), which these rows would cost anyway.
+    # Rows whose kept tokens are too many to gather, truncated by top-p alone or min-p alone: the
+    # nucleus from a histogram of the row's mass (wide_row). The rest, and rows where rounding decides:
+    # vLLM's own algorithm on the full row (a sort), which these rows would cost anyway.
+    alone = sub.needs_normaliser | ((sub.min_p > 0) & (sub.top_p >= 1.0) & (sub.top_k >= V))
     redo = torch.nonzero(status != DONE).flatten()
     if redo.numel():
         def part(sl: slice) -> list[int]:
-            return [exact_row(x[trows[j]], sub, j, min_p_active) for j in redo[sl].tolist()]
+            got = []
+            for j in redo[sl].tolist():
+                token = wide_row(x[trows[j]], sub, j) if status[j] == INCOMPLETE and alone[j] else None
+                got.append(exact_row(x[trows[j]], sub, j, min_p_active) if token is None else token)
+            return got
 
         tokens[tr[redo]] = torch.tensor([t for got in run_sharded(part, redo.numel()) for t in got])
     return tokens
