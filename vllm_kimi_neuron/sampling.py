@@ -8,9 +8,10 @@ results from a few cheap passes:
 * one vectorised pass of per-block maxima (blocks of ``BLOCK`` tokens); greedy decoding is the
   first block holding the row maximum, then the first maximum inside it;
 * truncated sampling (top-k, top-p, min-p) works on *candidates*: the values of the blocks with the
-  largest maxima, sorted, with a bound that no other token of the row exceeds. Top-p without top-k
-  also needs the row's normaliser (one ``exp`` pass) and grows the candidate set until the nucleus
-  is provably inside it;
+  largest maxima, or of the blocks reaching a floor the kept tokens must clear, sorted, with a
+  bound that no other token of the row exceeds. Top-p without top-k also needs the row's
+  normaliser (one ``exp`` pass). When the kept tokens are a large part of the row (a flat
+  distribution), a histogram of the row's mass by value locates the nucleus boundary instead;
 * random draws use the noise of vLLM's CPU kernel (``fused_gumbel_argmax``: SplitMix64 keyed by the
   row's seed and the token id), computed only for the kept tokens, so seeded requests give exactly
   the tokens vLLM's own ``Sampler`` gives on CPU;
@@ -50,9 +51,10 @@ GUMBEL_MAX = 37.5  # vLLM's CPU kernel: 53-bit uniforms keep its Gumbel noise be
 BLOCK = 128  # tokens per block of the block-maximum pass (Kimi: 1280 blocks per row)
 MASS_MARGIN = 1e-5  # top-p: vLLM's float32 softmax + cumsum are accurate to ~1e-7 of the row's mass
 MIN_P_MARGIN = 1e-5  # min-p: relative error of vLLM's float32 probability comparison, with room
-# Truncated rows whose candidates would exceed this share of the row are sampled with vLLM's
-# algorithm directly (a sort), which is then no slower than gathering.
+# Candidates are gathered while they are at most this share of the row; beyond it reading the
+# whole row is as cheap (wide_row, or vLLM's own algorithm).
 GROW_LIMIT = 0.25
+STAGE1_MAX_K = 128  # top-k rows up to this k start from the k+1 best blocks
 
 _NEG_INF = float("-inf")
 _MASK64 = (1 << 64) - 1
@@ -178,6 +180,7 @@ def gumbel_full_rows(scaled: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
     op = _fused_gumbel_op()
     if op is not None:
         return op(scaled.contiguous(), seeds.to(torch.int64))
+
     def part(sl: slice) -> list[int]:
         return [_gumbel_row(scaled[r], seeds[r : r + 1]) for r in range(sl.start, sl.stop)]
 
@@ -201,6 +204,7 @@ def _gumbel_row(row: torch.Tensor, seed: torch.Tensor, slice_len: int = 16384) -
         tok = cols + start
         sc = row[tok].double() + gumbel_noise(noise_bits(seed, tok[None]))[0]
         best = max(best, float(sc.max()))
+        # the best only rises: tokens a whole unit below it now can be neither winner nor near-tie
         contenders.append(tok[sc > best - 1.0])
     tokens = torch.unique(torch.cat(contenders))
     return int(tokens[_gumbel_winner(row[tokens][None], tokens[None], seed)[0]])
@@ -601,9 +605,6 @@ def _floors(bm: torch.Tensor, params: RowParams, normaliser: torch.Tensor) -> to
     f_p = torch.where(reached.any(dim=1), _at(ordered, first).double(), _NEG_INF)
     floor = torch.where(by_p, torch.maximum(floor, f_p), floor)
     return floor.to(torch.float32)
-
-
-STAGE1_MAX_K = 128  # top-k rows up to this k start from the k+1 best blocks
 
 
 def sample_random_rows(x: torch.Tensor, rows: torch.Tensor, bm: torch.Tensor, params: RowParams,
