@@ -12,18 +12,14 @@ Generates a Kimi-K2-format FP8 checkpoint of at least ``--gb`` GB (kept in DIR f
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from vllm_kimi_neuron.config import KimiConfig
-from vllm_kimi_neuron.tiny import make_tiny, tiny_config
+from common import bench_checkpoint, drop_cache, run_measured
 
 ANCHORS = [
     ("earlier Kimi port: re-quantise at every load", "71-93 min per start"),
@@ -32,25 +28,6 @@ ANCHORS = [
 REAL_CHECKPOINT_BYTES = 1.03e12
 # One real Kimi-K2 MoE layer: 384 experts x 3 x 7168 x 2048 FP8 bytes, plus BF16 attention/shared.
 REAL_LAYER_OUTPUT_BYTES = 384 * 3 * 7168 * 2048 + 2 * 190e6
-
-
-def bench_config(target_gb: float) -> KimiConfig:
-    base = dataclasses.replace(tiny_config(), hidden_size=1024, moe_intermediate_size=512,
-                               n_routed_experts=64, num_experts_per_tok=4, intermediate_size=2048)
-    per_layer = 3 * base.n_routed_experts * base.hidden_size * base.moe_intermediate_size
-    fixed = 2 * 2 * base.vocab_size * base.hidden_size
-    layers = max(2, int((target_gb * 1e9 - fixed) / per_layer) + 2)
-    return dataclasses.replace(base, num_hidden_layers=layers)
-
-
-def drop_cache(paths: list[Path]) -> None:
-    for p in paths:
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
 
 
 def raw_read_rate(files: list[Path]) -> float:
@@ -67,19 +44,10 @@ def raw_read_rate(files: list[Path]) -> float:
 def timed_convert(src: Path, out: Path, workers: int) -> dict[str, float]:
     shutil.rmtree(out, ignore_errors=True)
     drop_cache(sorted(src.glob("*.safetensors")))
-    code = (
-        "import json, resource, sys, time\n"
+    return run_measured(
         "from vllm_kimi_neuron.convert import convert\n"
-        "t = time.perf_counter()\n"
-        f"convert({str(src)!r}, {str(out)!r}, 'neuron-fp8', workers={workers}, show_progress=False)\n"
-        "wall = time.perf_counter() - t\n"
-        # VmHWM is this process's own peak: ru_maxrss would carry over the parent's RSS at fork.
-        "me = int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1])\n"
-        "kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss\n"
-        "print(json.dumps({'wall': wall, 'rss_main_kb': me, 'rss_worker_kb': kids}))\n"
+        f"convert({str(src)!r}, {str(out)!r}, 'neuron-fp8', workers={workers}, show_progress=False)"
     )
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return json.loads(r.stdout.strip().splitlines()[-1])
 
 
 def main() -> int:
@@ -89,13 +57,7 @@ def main() -> int:
     parser.add_argument("--max-workers", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args()
 
-    src = args.dir / "fp8"
-    cfg = bench_config(args.gb)
-    if not (src / "config.json").exists() or KimiConfig.from_dir(src) != cfg:
-        shutil.rmtree(src, ignore_errors=True)
-        print(f"generating a {args.gb} GB checkpoint ({cfg.num_hidden_layers} layers) in {src} ...",
-              file=sys.stderr)
-        make_tiny(src, seed=0, config=cfg)
+    src = bench_checkpoint(args.dir, args.gb)
     files = sorted(src.glob("*.safetensors"))
     size = sum(p.stat().st_size for p in files)
     read_rate = raw_read_rate(files)

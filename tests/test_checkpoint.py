@@ -69,6 +69,6 @@ def test_merge_safetensors_keeps_every_tensor(tmp_path: Path) -> None:
     assert merged.keys() == {"x", "y", "z"}
     for k, v in (a | b).items():
         assert torch.equal(merged[k], v) and merged[k].dtype == v.dtype
-    assert read_header(tmp_path / "m.safetensors")[1] % 8 == 0
+    assert min(e.start for e in read_header(tmp_path / "m.safetensors").values()) % 8 == 0  # aligned data
     with pytest.raises(CheckpointError, match="also appears"):
         merge_safetensors([tmp_path / "a.safetensors"] * 2, tmp_path / "dup.safetensors")

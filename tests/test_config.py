@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 
@@ -51,3 +52,40 @@ def test_stop_tokens_include_im_end(tmp_path) -> None:
     assert stop_token_ids(tmp_path, cfg) == [7, 163585, IM_END_ID]
     ds = KimiConfig(model_type="deepseek_v3", eos_token_id=1)
     assert stop_token_ids(tmp_path, ds) == [1, 7]
+
+
+def test_resolve_model_local_dir_and_clear_errors(tiny_fp8: Path, tmp_path: Path) -> None:
+    from vllm_kimi_neuron.config import resolve_model
+
+    assert resolve_model(str(tiny_fp8)) == tiny_fp8
+    with pytest.raises(ConfigError, match=r"has no config\.json"):
+        resolve_model(str(tmp_path))
+    with pytest.raises(ConfigError, match=r"huggingface-cli download moonshotai/Kimi-K2-Instruct-0905"):
+        resolve_model("moonshotai/Kimi-K2-Instruct-0905")  # HF_HUB_OFFLINE (conftest), not cached
+    with pytest.raises(ConfigError, match="neither a model directory nor a Hugging Face id"):
+        resolve_model("/no/such/dir")
+
+
+def test_resolve_model_finds_a_snapshot_in_the_hub_cache(
+    tiny_fp8: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shutil
+
+    from vllm_kimi_neuron.config import resolve_model
+    from vllm_kimi_neuron.convert import converted_dir
+
+    repo = tmp_path / "hub" / "models--moonshotai--Kimi-K2-Instruct-0905"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(tiny_fp8, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    found = resolve_model("moonshotai/Kimi-K2-Instruct-0905")
+    assert found == repo / "snapshots" / commit
+    monkeypatch.setenv("KIMI_NEURON_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("KIMI_NEURON_CHECKPOINT", raising=False)
+    assert converted_dir(found) == tmp_path / "home" / "converted" / (
+        "moonshotai--Kimi-K2-Instruct-0905-0123456789ab-neuron-fp8")

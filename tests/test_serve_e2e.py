@@ -5,16 +5,14 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
 
-from vllm_kimi_neuron.launch import Server, ServeSpec, free_port
+from vllm_kimi_neuron.launch import Server
 
-MAX_MODEL_LEN = 512
 TOOLS = [{
     "type": "function",
     "function": {
@@ -29,20 +27,6 @@ TOOLS = [{
         },
     },
 }]
-
-
-@pytest.fixture(scope="module")
-def server(tiny_bf16: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    log_path = tmp_path_factory.mktemp("serve") / "server.log"
-    spec = ServeSpec(model=tiny_bf16, port=free_port(), max_model_len=MAX_MODEL_LEN)
-    with open(log_path, "wb") as log:
-        srv = Server(spec, log=log)
-        try:
-            srv.wait_ready(timeout=300)
-            yield srv
-        finally:
-            srv.stop()
-    assert srv.proc.poll() is not None
 
 
 @pytest.fixture(scope="module")
@@ -112,9 +96,9 @@ def test_forced_tool_call_is_parsed_by_kimi_k2(client: openai.OpenAI, server: Se
 def test_bad_requests_get_4xx_and_server_keeps_serving(client: openai.OpenAI, server: Server) -> None:
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="no-such-model", prompt="hi", max_tokens=2)
-    with pytest.raises(openai.BadRequestError, match=str(MAX_MODEL_LEN)):
+    with pytest.raises(openai.BadRequestError, match=str(server.spec.max_model_len)):
         client.completions.create(model=server.spec.served_model_name,
-                                  prompt="hello " * (MAX_MODEL_LEN * 2), max_tokens=2)
+                                  prompt="hello " * (server.spec.max_model_len * 2), max_tokens=2)
     r = httpx.post(server.spec.url + "/v1/chat/completions", content=b"{not json",
                    headers={"content-type": "application/json"}, timeout=30)
     assert 400 <= r.status_code < 500

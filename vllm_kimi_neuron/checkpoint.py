@@ -1,8 +1,9 @@
 """Reading and writing sharded safetensors checkpoints.
 
 One owner for the file format: the ``model.safetensors.index.json`` map from tensor name to shard,
-tensor-at-a-time reads with errors that name the file and tensor, writes under temporary names
-renamed into place, checksums, and byte-level merging of safetensors files.
+tensor-at-a-time reads with plain file reads (no mmap, so memory holds only what was asked for)
+and errors that name the file and tensor, writes under temporary names renamed into place,
+checksums, and byte-level merging of safetensors files.
 """
 
 from __future__ import annotations
@@ -10,10 +11,12 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import math
 import struct
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import BinaryIO
 
 import torch
 from safetensors import safe_open
@@ -26,12 +29,48 @@ class CheckpointError(RuntimeError):
     """A checkpoint that is missing, truncated or inconsistent; the message names the file."""
 
 
+# safetensors dtype names -> torch dtypes, for reading tensors without mapping the whole file.
+DTYPES: dict[str, torch.dtype] = {
+    "F8_E4M3": torch.float8_e4m3fn, "BF16": torch.bfloat16, "F16": torch.float16,
+    "F32": torch.float32, "F64": torch.float64, "I64": torch.int64, "I32": torch.int32,
+    "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """Where one tensor's bytes are in a safetensors file (absolute offsets)."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    start: int
+    stop: int
+
+
+def read_header(path: Path) -> dict[str, TensorEntry]:
+    """A safetensors file's tensor table, from its JSON header alone (no tensor data is read)."""
+    try:
+        with open(path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(length))
+    except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
+    base = 8 + length
+    return {
+        name: TensorEntry(e["dtype"], tuple(e["shape"]), base + e["data_offsets"][0],
+                          base + e["data_offsets"][1])
+        for name, e in header.items()
+        if name != "__metadata__"
+    }
+
+
 @dataclass(frozen=True)
 class CheckpointIndex:
     """Which shard holds which tensor, read from the index (or a lone ``model.safetensors``)."""
 
     root: Path
     weight_map: dict[str, str]
+    _headers: dict[str, dict[str, TensorEntry]] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def open(cls, root: str | Path) -> CheckpointIndex:
@@ -61,49 +100,81 @@ class CheckpointIndex:
 
     def load(self, names: list[str]) -> dict[str, torch.Tensor]:
         """Load the named tensors; errors name the tensor and the file."""
-        with ShardReader(self) as reader:
-            return {name: reader.get(name) for name in names}
+        return {name: self.read(name) for name in names}
 
-
-class ShardReader:
-    """Reads tensors one at a time, keeping each shard open until the reader is closed."""
-
-    def __init__(self, index: CheckpointIndex) -> None:
-        self.index = index
-        self._handles: dict[str, Any] = {}
-
-    def get(self, name: str) -> torch.Tensor:
-        shard = self.index.weight_map.get(name)
-        if shard is None:
-            raise CheckpointError(f"{self.index.root / INDEX_NAME}: no tensor named {name!r}")
-        path = self.index.root / shard
-        if shard not in self._handles:
-            handle = _open_shard(path)
-            self._handles[shard] = (handle, set(handle.keys()))
-        handle, present = self._handles[shard]
-        if name not in present:
+    def entry(self, name: str) -> tuple[Path, TensorEntry]:
+        """The shard and byte range of tensor ``name``, checked against the file's real size."""
+        if name not in self.weight_map:
+            raise CheckpointError(f"{self.root / INDEX_NAME}: no tensor named {name!r}")
+        shard = self.weight_map[name]
+        path = self.root / shard
+        if shard not in self._headers:
+            self._headers[shard] = read_header(path)
+        entry = self._headers[shard].get(name)
+        if entry is None:
             raise CheckpointError(
-                f"{path}: the index says it holds {name!r}, but the file has no such tensor")
-        try:
-            return handle.get_tensor(name)
-        except Exception as exc:  # safetensors raises its own error types for bad data
-            raise CheckpointError(f"{path}: cannot read tensor {name!r}: {exc}") from None
+                f"{path}: the index says it holds {name!r}, but the file has no such tensor"
+            )
+        if entry.dtype not in DTYPES:
+            raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {entry.dtype}")
+        expected = math.prod(entry.shape) * DTYPES[entry.dtype].itemsize
+        if entry.stop - entry.start != expected or entry.stop > path.stat().st_size:
+            raise CheckpointError(
+                f"{path}: tensor {name!r} ({entry.dtype} {list(entry.shape)}) needs bytes "
+                f"{entry.start}..{entry.start + expected} but the file has {path.stat().st_size}: "
+                "the shard is truncated or corrupt; download it again"
+            )
+        return path, entry
 
-    def close(self) -> None:
-        self._handles.clear()
+    def read(self, name: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Tensor ``name`` (rows ``start:stop`` of its first dim) with plain reads, not mmap.
 
-    def __enter__(self) -> ShardReader:
-        return self
+        Memory then holds exactly the bytes asked for, and it is freed with the tensor: reading a
+        1 TB checkpoint this way never keeps more than the current tensors resident.
+        """
+        path, entry = self.entry(name)
+        rows = entry.shape[0] if entry.shape else 1
+        stop = rows if stop is None else stop
+        row_bytes = (entry.stop - entry.start) // max(rows, 1)
+        with open(path, "rb") as f:
+            data = _read_exact(f, path, name, entry.start + start * row_bytes, (stop - start) * row_bytes)
+        shape = (stop - start, *entry.shape[1:]) if entry.shape else ()
+        return _as_tensor(data, entry.dtype, shape)
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def gather_rows(self, name: str, rows: Sequence[int]) -> torch.Tensor:
+        """``tensor[rows]`` for a 2-D tensor, reading only those rows (embedding lookups)."""
+        path, entry = self.entry(name)
+        row_bytes = (entry.stop - entry.start) // entry.shape[0]
+        with open(path, "rb") as f:
+            data = bytearray().join(
+                _read_exact(f, path, name, entry.start + r * row_bytes, row_bytes) for r in rows
+            )
+        return _as_tensor(data, entry.dtype, (len(rows), *entry.shape[1:]))
 
 
-def _open_shard(path: Path) -> Any:  # safe_open's handle type is not exported
+def _read_exact(f: BinaryIO, path: Path, name: str, offset: int, size: int) -> bytearray:
+    buf = bytearray(size)
+    f.seek(offset)
+    if f.readinto(buf) != size:
+        raise CheckpointError(
+            f"{path}: tensor {name!r} ends past the end of the file: the shard is truncated"
+        )
+    return buf
+
+
+def _as_tensor(data: bytearray, dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
+    if not data:
+        return torch.empty(shape, dtype=DTYPES[dtype])
+    return torch.frombuffer(data, dtype=torch.uint8).view(DTYPES[dtype]).reshape(shape)
+
+
+def _open_shard(path: Path):  # noqa: ANN202 -- safe_open's handle type is private
     try:
         return safe_open(str(path), framework="pt")
     except Exception as exc:
         raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
+
+
 
 
 def shard_file_names(num_groups: int, num_shards: int) -> list[str]:
@@ -113,14 +184,10 @@ def shard_file_names(num_groups: int, num_shards: int) -> list[str]:
     return [f"model-{g * count // num_groups + 1:05d}-of-{count:06d}.safetensors" for g in range(num_groups)]
 
 
-_SAFETENSORS_DTYPES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.float8_e4m3fn: "F8_E4M3", torch.int64: "I64", torch.int32: "I32", torch.int16: "I16",
-    torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
-}
+_SAFETENSORS_DTYPES = {torch_dtype: name for name, torch_dtype in DTYPES.items()}
 
 
-def write_shard(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+def write_shard(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     """Write one safetensors file under a temporary name and rename it into place.
 
     Tensor bytes go straight from each tensor's memory to the file (safetensors' own writer
@@ -129,7 +196,7 @@ def write_shard(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     order = sorted(tensors, key=lambda n: (-tensors[n].element_size(), n))
-    header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+    header: dict[str, object] = {"__metadata__": {"format": "pt", **(metadata or {})}}
     offset = 0
     for name in order:
         t = tensors[name]
@@ -196,36 +263,22 @@ def file_digest(path: Path, chunk: int = 1 << 24) -> dict[str, object]:
     return {"sha256": h.hexdigest(), "bytes": size}
 
 
-def read_header(path: Path) -> tuple[dict[str, dict], int]:
-    """A safetensors file's header (tensor name -> dtype/shape/offsets) and where its data starts."""
-    with path.open("rb") as f:
-        raw = f.read(8)
-        if len(raw) < 8:
-            raise CheckpointError(f"{path}: truncated: shorter than a safetensors header")
-        (n,) = struct.unpack("<Q", raw)
-        try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise CheckpointError(f"{path}: corrupt safetensors header") from None
-    header.pop("__metadata__", None)
-    return header, 8 + n
-
-
 def merge_safetensors(parts: list[Path], out: Path) -> None:
     """Concatenate safetensors files into one by copying their bytes (memory stays constant)."""
     entries: dict[str, dict] = {}
     sources: list[tuple[Path, int, int]] = []
     offset = 0
     for part in parts:
-        header, start = read_header(part)
-        end = max((t["data_offsets"][1] for t in header.values()), default=0)
-        for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+        header = read_header(part)
+        start = _data_start(part)
+        end = max((e.stop for e in header.values()), default=start)
+        for name, e in sorted(header.items(), key=lambda kv: kv[1].start):
             if name in entries:
                 raise CheckpointError(f"{part}: tensor {name!r} also appears in an earlier part")
-            b, e = info["data_offsets"]
-            entries[name] = {**info, "data_offsets": [b + offset, e + offset]}
-        sources.append((part, start, end))
-        offset += end
+            b, s = e.start - start + offset, e.stop - start + offset
+            entries[name] = {"dtype": e.dtype, "shape": list(e.shape), "data_offsets": [b, s]}
+        sources.append((part, start, end - start))
+        offset += end - start
     blob = json.dumps({"__metadata__": {"format": "pt"}, **entries}, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # keep the data section 8-byte aligned
     tmp = out.with_name(out.name + ".partial")
@@ -243,3 +296,8 @@ def merge_safetensors(parts: list[Path], out: Path) -> None:
                     left -= len(block)
     tmp.chmod(0o644)
     tmp.replace(out)
+
+
+def _data_start(path: Path) -> int:
+    with open(path, "rb") as f:
+        return 8 + struct.unpack("<Q", f.read(8))[0]

@@ -3,16 +3,61 @@
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 from . import __version__
+from .config import cache_home
 
 
-def _cache_home() -> Path:
-    return Path(os.environ.get("KIMI_NEURON_HOME", Path.home() / ".cache" / "vllm-kimi-neuron"))
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}"
+
+
+class EtaProgress:
+    """``[done/total] what | elapsed | ETA`` on stderr; the rate counts only this run's work, so a
+    resumed run's ETA is not flattered by the layers it skipped."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.start: tuple[float, int] | None = None
+
+    def __call__(self, done: int, total: int, what: str) -> None:
+        now = time.monotonic()
+        if self.start is None:
+            self.start = (now, done)
+        elapsed, base = now - self.start[0], self.start[1]
+        eta = _clock((total - done) * elapsed / (done - base)) if done > base else "?"
+        print(f"{self.label} [{done}/{total}] {what} | elapsed {_clock(elapsed)} | ETA {eta}",
+              file=sys.stderr, flush=True)
+
+
+def cmd_golden(args: argparse.Namespace) -> int:
+    from .golden import run
+
+    golden = run(args.model, args.prompts, args.out, work_dir=args.work_dir,
+                 max_new_tokens=args.max_new_tokens, top_k=args.top_k, keep_work=args.keep_work,
+                 progress=EtaProgress("golden"))
+    positions = sum(len(s.positions) for s in golden.sequences)
+    print(f"wrote {args.out}: {len(golden.sequences)} sequences, {positions} scored positions")
+    return 0
+
+
+def cmd_check_accuracy(args: argparse.Namespace) -> int:
+    from .accuracy import Client, Thresholds, check
+    from .golden import Golden
+
+    golden = Golden.load(args.golden)
+    client = Client(args.base_url, model=args.model, timeout=args.timeout)
+    thresholds = Thresholds(args.tie_gap, args.router_tie, args.min_match, args.max_mean_diff, args.max_diff)
+    report = check(golden, client, thresholds)
+    if not args.quiet:
+        print(report.table())
+    print(report.summary())
+    return 1 if report.failures() else 0
 
 
 def cmd_make_tiny(args: argparse.Namespace) -> int:
@@ -153,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_reshard)
 
     p = sub.add_parser("demo", help="serve a tiny Kimi-K2 model with vLLM on CPU, through this plugin")
-    p.add_argument("--dir", type=Path, default=_cache_home(), help="where tiny checkpoints are kept")
+    p.add_argument("--dir", type=Path, default=cache_home(), help="where tiny checkpoints are kept")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--seed", type=int, default=0)
@@ -161,18 +206,53 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-model-len", type=int, default=2048)
     p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for readiness")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("golden", help="golden logprobs from the layer-streaming CPU reference (resumable)")
+    p.add_argument("--model", type=Path, required=True, help="checkpoint directory (FP8 or BF16)")
+    p.add_argument("--prompts", type=Path, required=True,
+                   help='JSONL: one {"text": ...} or {"token_ids": [...]} per line')
+    p.add_argument("--out", type=Path, required=True, help="golden file to write (JSON)")
+    p.add_argument("--max-new-tokens", type=int, default=8,
+                   help="greedy tokens per prompt; each one streams the checkpoint once more")
+    p.add_argument("--top-k", type=int, default=20, help="alternatives kept per position")
+    p.add_argument("--work-dir", type=Path, help="resumable state (default: OUT.work)")
+    p.add_argument("--keep-work", action="store_true", help="keep the work directory when done")
+    p.set_defaults(func=cmd_golden)
+
+    from .accuracy import Thresholds
+
+    t = Thresholds()
+    p = sub.add_parser("check-accuracy", help="compare a served model with a golden file (exit 1 if off)")
+    p.add_argument("--base-url", required=True, help="OpenAI-compatible server, e.g. http://127.0.0.1:8000")
+    p.add_argument("--golden", type=Path, required=True)
+    p.add_argument("--model", help="served model name (default: the first the server lists)")
+    p.add_argument("--tie-gap", type=float, default=t.tie_gap,
+                   help="golden top-2 gap (nats) at or below which a top-1 flip is a near-tie")
+    p.add_argument("--router-tie", type=float, default=t.router_tie,
+                   help="router choice margin at or below which an expert swap is a near-tie")
+    p.add_argument("--min-match", type=float, default=t.min_match,
+                   help="required top-1 match rate on decisive (not near-tie) positions")
+    p.add_argument("--max-mean-diff", type=float, default=t.max_mean_diff,
+                   help="max mean |logprob diff| in nats, over decisive positions")
+    p.add_argument("--max-diff", type=float, default=t.max_diff,
+                   help="max |logprob diff| in nats, over decisive positions")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds per request")
+    p.add_argument("--quiet", action="store_true", help="summary only, no per-position table")
+    p.set_defaults(func=cmd_check_accuracy)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from .accuracy import AccuracyError
     from .checkpoint import CheckpointError
     from .config import ConfigError
+    from .golden import GoldenError
     from .layout import LayoutError
 
     try:
         return int(args.func(args))
-    except (CheckpointError, ConfigError, LayoutError) as exc:
+    except (CheckpointError, ConfigError, LayoutError, GoldenError, AccuracyError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -253,3 +254,32 @@ def stop_token_ids(model_dir: str | Path, config: KimiConfig) -> list[int]:
     if config.model_type == "kimi_k2":
         ids.add(IM_END_ID)
     return sorted(ids)
+
+
+def resolve_model(model: str, revision: str | None = None) -> Path:
+    """A local directory for ``model``: the directory itself, or the snapshot of a Hugging Face id
+    already in the local cache. Never downloads: the real checkpoint is about 1 TB, and a silent
+    download inside a server start would look like a hang."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise ConfigError(f"{path} has no config.json: is it a Hugging Face model directory?")
+        return path
+    if model.startswith(("/", ".", "~")) or model.count("/") != 1:
+        raise ConfigError(f"{model!r} is neither a model directory nor a Hugging Face id (org/name)")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(model, revision=revision, local_files_only=True))
+    except Exception as exc:  # huggingface_hub raises several types for "not in the cache"
+        raise ConfigError(
+            f"{model!r} is not a local directory and no complete snapshot of it is in the Hugging Face "
+            f"cache ({type(exc).__name__}). Download it first (about 1 TB): "
+            f"`huggingface-cli download {model}`, or pass the local directory instead of the id"
+        ) from None
+
+
+def cache_home() -> Path:
+    """Where this package keeps what it makes: tiny checkpoints, conversions, compiled artifacts."""
+    return Path(os.environ.get("KIMI_NEURON_HOME", Path.home() / ".cache" / "vllm-kimi-neuron"))
+

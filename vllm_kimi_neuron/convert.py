@@ -32,7 +32,7 @@ from .checkpoint import (
     INDEX_NAME,
     CheckpointError,
     CheckpointIndex,
-    ShardReader,
+    TensorEntry,
     file_digest,
     is_out_of_space,
     merge_safetensors,
@@ -84,6 +84,26 @@ def plan_groups(index: CheckpointIndex, cfg: KimiConfig) -> list[Group]:
     return groups
 
 
+def converted_dir(model_dir: Path) -> Path:
+    """Where the Neuron mode keeps the ``neuron-fp8`` conversion of ``model_dir``:
+    ``$KIMI_NEURON_CHECKPOINT`` if set, else under the package's cache home."""
+    if "KIMI_NEURON_CHECKPOINT" in os.environ:
+        return Path(os.environ["KIMI_NEURON_CHECKPOINT"])
+    from .config import cache_home
+
+    # A Hugging Face snapshot directory is named by its commit: keep the repository name too.
+    name = model_dir.name if model_dir.parent.name != "snapshots" else (
+        f"{model_dir.parent.parent.name.removeprefix('models--')}-{model_dir.name[:12]}")
+    return cache_home() / "converted" / f"{name}-neuron-fp8"
+
+
+def ensure_converted(model_dir: Path, workers: int | None = None) -> Path:
+    """The complete ``neuron-fp8`` conversion of ``model_dir``, made (or finished after an
+    interruption) first if needed; a no-op beyond one manifest check once it exists."""
+    return convert(model_dir, converted_dir(model_dir), "neuron-fp8",
+                   workers=workers or max(1, (os.cpu_count() or 2) // 2))
+
+
 # -- per-group conversion (runs in worker processes) ---------------------------------------------
 
 class _Reader:
@@ -91,11 +111,10 @@ class _Reader:
 
     def __init__(self, index: CheckpointIndex, cfg: KimiConfig) -> None:
         self.index, self.cfg = index, cfg
-        self.shards = ShardReader(index)
         self.bytes_read = 0
 
     def raw(self, name: str) -> torch.Tensor:
-        t = self.shards.get(name)
+        t = self.index.read(name)
         self.bytes_read += t.numel() * t.element_size()
         return t
 
@@ -185,8 +204,7 @@ def _run_group(job: _Job) -> dict[str, Any]:
     cfg = KimiConfig.from_dir(job.src)
     reader = _Reader(CheckpointIndex.open(job.src), cfg)
     convert_fn = _bf16_group if job.fmt == "bf16" else _neuron_group
-    with reader.shards:
-        tensors = dict(convert_fn(reader, job.group))
+    tensors = dict(convert_fn(reader, job.group))
     dst = Path(job.dst)
     files: dict[str, Path] = {}
     if job.layout is None:
@@ -331,16 +349,16 @@ def convert(
 
 def _group_input_bytes(index: CheckpointIndex, groups: list[Group]) -> dict[str, int]:
     sizes: dict[str, int] = {}
-    headers: dict[str, dict[str, dict]] = {}
+    headers: dict[str, dict[str, TensorEntry]] = {}
     for g in groups:
         total = 0
         for name in g.names:
             shard = index.weight_map[name]
             if shard not in headers:
-                headers[shard] = read_header(index.root / shard)[0]
+                headers[shard] = read_header(index.root / shard)
             info = headers[shard].get(name)
             if info is not None:
-                total += info["data_offsets"][1] - info["data_offsets"][0]
+                total += info.stop - info.start
         sizes[g.key] = total
     return sizes
 
@@ -397,7 +415,7 @@ def _finish(src: Path, dst: Path, plan: dict[str, Any], files: dict[str, Any],
     if plan["layout"] is None:
         weight_map = {}
         for rel in files:
-            header, _ = read_header(dst / rel)
+            header = read_header(dst / rel)
             weight_map.update(dict.fromkeys(header, rel))
         write_index(dst, weight_map, sum(int(f["bytes"]) for f in files.values()))
     raw = json.loads((src / "config.json").read_text())
@@ -460,7 +478,7 @@ def verify(root: str | Path, checksums: bool = True) -> dict[str, Any]:
                          and (root / rel).exists()]
     seen: dict[str, int] = {}
     for rel in safetensors_files:
-        header, _ = read_header(root / rel)
+        header = read_header(root / rel)
         for name, info in header.items():
             seen[name] = seen.get(name, 0) + 1
             if name not in tensors:
@@ -468,7 +486,7 @@ def verify(root: str | Path, checksums: bool = True) -> dict[str, Any]:
                 continue
             dtype, shape = tensors[name]
             want_shape = shape if layout is None else layout.shard_shape(name, shape)
-            got = (_DTYPE_NAMES.get(info["dtype"], info["dtype"]), tuple(info["shape"]))
+            got = (_DTYPE_NAMES.get(info.dtype, info.dtype), info.shape)
             if got != (dtype, want_shape):
                 problems.append(f"{rel}: tensor {name} is {got}, expected {(dtype, want_shape)}")
     copies = 1 if layout is None else layout.tp

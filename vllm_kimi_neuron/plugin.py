@@ -33,20 +33,19 @@ def register() -> Mode:
     global _registered_mode
     if _registered_mode is not None:
         return _registered_mode
-    from .patches import SAMPLER_ENV, install, sampler_choice
+    from .patches import install
+    from .sampler_patches import SAMPLER_ENV, patches_for, sampler_choice
 
     sampler = sampler_choice()  # an invalid KIMI_NEURON_SAMPLER stops vLLM here, with the fix
     mode = detect_mode()
     _registered_mode = mode
-    # Patches apply when their module is imported: vLLM's CPU model runner, vllm-neuron's runner.
-    install()
-    if mode == "neuron":
-        detail = "vllm-neuron found; Kimi-K2 Neuron model hooks are not implemented in this version yet"
-    else:
-        detail = "vllm-neuron not installed; no Neuron hooks"
+    detail = _install_neuron_hooks() if mode == "neuron" else "vllm-neuron not installed; no hooks installed"
+    # The host sampler goes into the model runner of this mode when vLLM imports it.
+    install(patches_for(mode))
     if sampler == "kimi":
-        which = (f"sampler=kimi (the host sampler replaces vLLM's in the CPU and vllm-neuron model "
-                 f"runners; {SAMPLER_ENV}=stock keeps vLLM's)")
+        runner = "vllm-neuron's" if mode == "neuron" else "vLLM's CPU"
+        which = (f"sampler=kimi (the host sampler replaces vLLM's in {runner} model runner; "
+                 f"{SAMPLER_ENV}=stock keeps vLLM's)")
     else:
         which = f"sampler=stock ({SAMPLER_ENV}=stock: vLLM's own sampler)"
     line = f"{LOG_PREFIX} {__version__} registered in pid {os.getpid()}: mode={mode} ({detail}); {which}"
@@ -56,3 +55,14 @@ def register() -> Mode:
         # vLLM configures its logging lazily; the API server loads plugins before that happens.
         print(f"INFO {line}", file=sys.stderr, flush=True)
     return mode
+
+
+def _install_neuron_hooks() -> str:
+    from .neuron import hooks
+    from .patches import install
+
+    install(hooks.PATCHES)
+    raised = hooks.raise_engine_ready_timeout()
+    timeout = (f"VLLM_ENGINE_READY_TIMEOUT_S raised to {raised} s" if raised
+               else "VLLM_ENGINE_READY_TIMEOUT_S left as you set it")
+    return f"vllm-neuron found; Kimi-K2 model hooks armed for its model loader; {timeout}"

@@ -971,7 +971,7 @@ def stats_interval() -> int:
 def host_sampler_for(stock: Any, runner: str) -> Any:
     """The sampler a model runner uses in place of ``stock`` (its vLLM ``Sampler``): ours unless
     ``KIMI_NEURON_SAMPLER=stock``. Called by the run-time patches and by their on-disk twins."""
-    from .patches import SAMPLER_ENV, sampler_choice
+    from .sampler_patches import SAMPLER_ENV, sampler_choice
 
     if sampler_choice() == "stock":
         log_once(f"stock:{runner}", f"{runner} keeps vLLM's stock sampler ({SAMPLER_ENV}=stock)")

