@@ -32,7 +32,10 @@ def server(tiny_bf16: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     stop or reconfigure it; its log is kept for tests that read what the server printed."""
     log_path = tmp_path_factory.mktemp("serve") / "server.log"
     spec = ServeSpec(model=tiny_bf16, port=free_port(), max_model_len=512)
-    with open(log_path, "wb") as log:
+    with pytest.MonkeyPatch.context() as env, open(log_path, "wb") as log:
+        # The host sampler logs its batch counts after every batch (test_sampler_e2e reads them).
+        env.setenv("KIMI_NEURON_SAMPLER_STATS", "1")
+        env.delenv("KIMI_NEURON_SAMPLER", raising=False)
         srv = Server(spec, log=log)
         try:
             srv.wait_ready(timeout=300)

@@ -10,14 +10,17 @@ so registering them costs nothing in processes that never load the target.
 
 from __future__ import annotations
 
+import importlib
 import importlib.abc
 import importlib.machinery
 import importlib.metadata
+import inspect
 import logging
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import ModuleType
+from typing import Any
 
 logger = logging.getLogger("vllm.kimi_neuron")
 
@@ -39,6 +42,69 @@ class Patch:
     # Optional patches only add observability (startup progress): one that cannot apply is skipped
     # with a warning instead of stopping vLLM.
     optional: bool = False
+
+
+@dataclass(frozen=True)
+class Expect:
+    """Something a patch relies on, for :func:`expecting`: ``qualname`` in ``module``, with exactly
+    these parameters, these attributes (class attributes or dataclass fields) and these snippets in
+    its source (which is how attributes set in ``__init__`` and behaviour are pinned down)."""
+
+    module: str
+    qualname: str
+    params: tuple[str, ...] | None = None
+    has: tuple[str, ...] = ()
+    source: tuple[str, ...] = ()
+
+    def problems(self) -> list[str]:
+        where = f"{self.module}.{self.qualname}"
+        try:
+            obj: Any = importlib.import_module(self.module)
+        except ImportError as e:
+            return [f"{self.module} cannot be imported ({e})"]
+        for part in self.qualname.split("."):
+            if not hasattr(obj, part):
+                return [f"{where} is missing"]
+            obj = getattr(obj, part)
+        found = []
+        if self.params is not None:
+            try:
+                got = tuple(inspect.signature(obj).parameters)
+            except (TypeError, ValueError):
+                got = None
+            if got != self.params:
+                found.append(f"{where} takes {got}, not {self.params}")
+        fields = getattr(obj, "__dataclass_fields__", {})
+        found += [f"{where} has no {name}" for name in self.has
+                  if name not in fields and not hasattr(obj, name)]
+        if self.source:
+            try:
+                text = inspect.getsource(obj)
+            except (OSError, TypeError):
+                return [*found, f"the source of {where} is not available to check"]
+            found += [f"{where} no longer contains {snippet!r}" for snippet in self.source
+                      if snippet not in text]
+        return found
+
+
+@dataclass(frozen=True)
+class Expecting:
+    """A :class:`Patch` ``check`` made of expectations: None when all hold, else every one that
+    does not; then ``also`` (a behavioural check) runs. ``hint`` is appended to a failure."""
+
+    expects: tuple[Expect, ...]
+    also: Callable[[], str | None] | None = None
+    hint: str = ""
+
+    def __call__(self, module: ModuleType) -> str | None:
+        problems = [p for e in self.expects for p in e.problems()]
+        if not problems and self.also is not None and (extra := self.also()) is not None:
+            problems.append(extra)
+        return "; ".join(problems) + self.hint if problems else None
+
+
+def expecting(*expects: Expect, also: Callable[[], str | None] | None = None, hint: str = "") -> Expecting:
+    return Expecting(expects, also, hint)
 
 
 _applied: dict[str, ModuleType] = {}

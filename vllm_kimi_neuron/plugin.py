@@ -33,11 +33,23 @@ def register() -> Mode:
     global _registered_mode
     if _registered_mode is not None:
         return _registered_mode
+    from .patches import install
+    from .sampler_patches import SAMPLER_ENV, patches_for, sampler_choice
+
+    sampler = sampler_choice()  # an invalid KIMI_NEURON_SAMPLER stops vLLM here, with the fix
     mode = detect_mode()
     _registered_mode = mode
     detail = _install_neuron_hooks() if mode == "neuron" else "vllm-neuron not installed; no hooks installed"
+    # The host sampler goes into the model runner of this mode when vLLM imports it.
+    install(patches_for(mode))
+    if sampler == "kimi":
+        runner = "vllm-neuron's" if mode == "neuron" else "vLLM's CPU"
+        which = (f"sampler=kimi (the host sampler replaces vLLM's in {runner} model runner; "
+                 f"{SAMPLER_ENV}=stock keeps vLLM's)")
+    else:
+        which = f"sampler=stock ({SAMPLER_ENV}=stock: vLLM's own sampler)"
     line = (f"{LOG_PREFIX} {__version__} registered in pid {os.getpid()}: mode={mode} ({detail}; "
-            f"{startup.install()})")
+            f"{startup.install()}); {which}")
     if logger.hasHandlers():
         logger.info(line)
     else:
