@@ -495,11 +495,14 @@ class _BanTokenZero(LogitsProcessor):
         return logits
 
 
-def test_unsupported_batches_use_the_stock_sampler_and_say_so_once(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_unsupported_batches_use_the_stock_sampler_and_say_so_once(monkeypatch: pytest.MonkeyPatch,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
     monkeypatch.setattr(sampling, "_logged", set())
     records = _Records()
     sampling.logger.addHandler(records)
-    monkeypatch.setattr(sampling.logger, "level", logging.INFO)
+    # setLevel, not the attribute: an earlier test in the process may have left the logger's
+    # isEnabledFor cache saying INFO is off.
+    caplog.set_level(logging.INFO, logger=sampling.logger.name)
     V = 2000
     x = torch.randn(3, V)
     x[:, 0] += 10
