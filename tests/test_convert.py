@@ -11,9 +11,18 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from vllm_kimi_neuron.checkpoint import INDEX_NAME, CheckpointError, CheckpointIndex
+from vllm_kimi_neuron.checkpoint import INDEX_NAME, CheckpointError, CheckpointIndex, read_header
 from vllm_kimi_neuron.config import KimiConfig
-from vllm_kimi_neuron.convert import MANIFEST, RANK_FILE, STATE, VerifyError, convert, reshard, verify
+from vllm_kimi_neuron.convert import (
+    MANIFEST,
+    RANK_FILE,
+    STATE,
+    VerifyError,
+    convert,
+    plan_groups,
+    reshard,
+    verify,
+)
 from vllm_kimi_neuron.fp8 import FP8_DTYPE, NEURON_FP8_MAX, dequantize_blockwise
 from vllm_kimi_neuron.layout import EXPERTS, LayoutError, ParallelLayout
 from vllm_kimi_neuron.reference import Batch, Reference
@@ -225,6 +234,20 @@ def test_sigkill_mid_run_then_resume(tmp_path: Path) -> None:
     assert {n: (done / n).stat().st_mtime_ns for n in finished} == finished  # nothing redone
     verify(out)
     assert not list(out.rglob("*.partial"))
+
+
+def test_progress_callback_counts_input_bytes_to_the_total(tiny_fp8: Path, tmp_path: Path) -> None:
+    # What the Neuron start reports as its "converting" phase.
+    calls: list[tuple[int, int]] = []
+    convert(tiny_fp8, tmp_path / "o", "bf16", show_progress=False,
+            on_progress=lambda d, t: calls.append((d, t)))
+    index = CheckpointIndex.open(tiny_fp8)
+    data_bytes = sum(e.stop - e.start for shard in index.shards
+                     for e in read_header(tiny_fp8 / shard).values())
+    assert calls[0] == (0, data_bytes)
+    assert calls[-1] == (data_bytes, data_bytes)
+    assert [d for d, _ in calls] == sorted({d for d, _ in calls})  # one call per group, growing
+    assert len(calls) == len(plan_groups(index, KimiConfig.from_dir(tiny_fp8))) + 1
 
 
 def test_disk_full_is_reported_and_resumable(tiny_fp8: Path, tmp_path: Path) -> None:

@@ -157,6 +157,27 @@ def test_ticks_keep_a_phase_without_counts_alive_and_silence_is_a_stall(tmp_path
     assert message.endswith("(KIMI_NEURON_STALL_TIMEOUT_S=0.4)")
 
 
+def test_a_phase_ticks_while_a_child_process_works_and_not_while_all_wait(
+        listener: NotifyListener, monkeypatch: pytest.MonkeyPatch) -> None:
+    # What keeps an hour of neuronx-cc (child processes, nothing to count) from looking stalled,
+    # while a compile hung without using CPU still stops the ticks.
+    monkeypatch.setenv(startup.ENV_HUB, listener.sock.getsockname())
+    monkeypatch.setattr(startup, "_hub_sender", None)
+
+    def ticks() -> int:
+        return sum(json.loads(m)["op"] == "tick" for m in list(listener.messages))
+
+    with startup.phase("compiling") as p, p.while_busy(every_s=0.2):
+        burn = "import time\nt = time.time()\nwhile time.time() - t < 1.5: pass"
+        subprocess.run([sys.executable, "-c", burn], check=True)
+        time.sleep(0.5)  # the reaped child's time shows once more, then nothing moves
+        busy = ticks()
+        time.sleep(1.2)
+        idle = ticks() - busy
+    assert busy >= 3, listener.messages
+    assert idle <= 1, listener.messages
+
+
 def test_startup_hooks_fit_the_installed_vllm() -> None:
     # What the e2e tests below rely on: every hook's target exists as expected in this vLLM.
     for patch in startup.PATCHES:

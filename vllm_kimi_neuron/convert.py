@@ -97,11 +97,12 @@ def converted_dir(model_dir: Path) -> Path:
     return cache_home() / "converted" / f"{name}-neuron-fp8"
 
 
-def ensure_converted(model_dir: Path, workers: int | None = None) -> Path:
+def ensure_converted(model_dir: Path, workers: int | None = None,
+                     on_progress: ProgressFn | None = None) -> Path:
     """The complete ``neuron-fp8`` conversion of ``model_dir``, made (or finished after an
     interruption) first if needed; a no-op beyond one manifest check once it exists."""
     return convert(model_dir, converted_dir(model_dir), "neuron-fp8",
-                   workers=workers or max(1, (os.cpu_count() or 2) // 2))
+                   workers=workers or max(1, (os.cpu_count() or 2) // 2), on_progress=on_progress)
 
 
 # -- per-group conversion (runs in worker processes) ---------------------------------------------
@@ -303,8 +304,12 @@ def convert(
     layout: ParallelLayout | None = None,
     workers: int = 1,
     show_progress: bool = True,
+    on_progress: ProgressFn | None = None,
 ) -> Path:
-    """Convert ``src`` (block-FP8 Kimi-K2 / DeepSeek-V3) to ``fmt`` in ``dst``; rerun to resume."""
+    """Convert ``src`` (block-FP8 Kimi-K2 / DeepSeek-V3) to ``fmt`` in ``dst``; rerun to resume.
+
+    ``on_progress(done_bytes, total_bytes)`` is called as input groups finish (and once at the
+    start, with what an earlier run already did)."""
     src, dst = Path(src), Path(dst)
     if fmt not in FORMATS:
         raise CheckpointError(f"unknown format {fmt!r}; choose one of {FORMATS}")
@@ -332,7 +337,19 @@ def convert(
                         f"(resumed: {len(groups) - len(todo)} groups already done)")
     jobs = [_Job(str(src), str(dst), fmt, None if layout is None else layout.to_dict(), g,
                  _group_file(fmt, g, groups.index(g), len(groups))) for g in todo]
-    _run_jobs(jobs, workers, lambda job: progress and progress.update(sizes[job.group.key], job.group.key))
+    total = sum(sizes.values())
+    done = [total - sum(sizes[g.key] for g in todo)]
+
+    def finished(job: _Job) -> None:
+        done[0] += sizes[job.group.key]
+        if progress is not None:
+            progress.update(sizes[job.group.key], job.group.key)
+        if on_progress is not None:
+            on_progress(done[0], total)
+
+    if on_progress is not None:
+        on_progress(done[0], total)
+    _run_jobs(jobs, workers, finished)
     if progress is not None:
         progress.close()
     records = {g.key: json.loads((done_dir / f"{g.key}.json").read_text()) for g in groups}

@@ -25,6 +25,7 @@ from any process; an exception leaving the block is reported as the start's fail
 from __future__ import annotations
 
 import atexit
+import contextlib
 import functools
 import json
 import logging
@@ -80,6 +81,8 @@ STALL_EXIT_GRACE_S = 60.0
 PROGRESS_LOG_EVERY_S = 30.0
 FILE_WRITE_EVERY_S = 1.0
 CHILD_SEND_EVERY_S = 0.5
+# Share of one core below which a phase without counts is not taken to be working.
+BUSY_MIN_CORES = 0.1
 
 
 class StartupConfigError(ValueError):
@@ -689,6 +692,35 @@ class Phase:
     def tick(self) -> None:
         _send_to_owner({"op": "tick"})
 
+    @contextlib.contextmanager
+    def while_busy(self, every_s: float | None = None, min_cores: float = BUSY_MIN_CORES) -> Iterator[None]:
+        """Tick every ``every_s`` while this process and its children use at least ``min_cores``.
+
+        For work with nothing to count (NxDI's compile runs neuronx-cc in child processes for tens
+        of minutes): a compile that is working keeps the phase alive, one that hangs without using
+        CPU stops ticking and is reported as stalled. The threshold keeps an idle process's own
+        background threads (vLLM's, this watcher) from passing for work.
+        """
+        interval = every_s if every_s is not None else _positive(os.environ, ENV_HEARTBEAT,
+                                                                 DEFAULT_HEARTBEAT_S)
+        stop = threading.Event()
+
+        def watch() -> None:
+            last = tree_cpu_seconds()
+            while not stop.wait(interval):
+                now = tree_cpu_seconds()
+                if now - last >= min_cores * interval:
+                    self.tick()
+                last = now
+
+        thread = threading.Thread(target=watch, name="kimi-neuron-busy", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
+
     def __enter__(self) -> Phase:
         return self
 
@@ -697,6 +729,22 @@ class Phase:
         self._flush()
         if exc is not None and not isinstance(exc, KeyboardInterrupt | SystemExit):
             fail(f"{type(exc).__name__}: {exc}")
+
+
+def tree_cpu_seconds() -> float:
+    """CPU seconds used by this process, its finished children and its live descendants."""
+    import psutil
+
+    me = psutil.Process()
+    t = me.cpu_times()
+    total = t.user + t.system + t.children_user + t.children_system
+    for child in me.children(recursive=True):
+        try:
+            c = child.cpu_times()
+        except psutil.Error:  # it ended between listing and reading
+            continue
+        total += c.user + c.system
+    return total
 
 
 def phase(name: str, *, total: int | None = None, done: int = 0, unit: str = "") -> Phase:

@@ -112,20 +112,23 @@ def register_kimi_hf_config() -> None:
 def prepare_kimi(model_config: Any, parallel_config: Any, scheduler_config: Any,
                  additional_config: dict[str, Any]) -> dict[str, Any]:
     """The engine-core side of a Kimi start: returns the additional_config to hand to vllm-neuron."""
-    from .. import artifacts
+    from .. import artifacts, startup
     from ..config import KimiConfig, resolve_model
     from ..convert import ensure_converted
     from ..overrides import validate_additional_config
     from ..plan import make_plan
 
-    model_dir = resolve_model(model_config.model, getattr(model_config, "revision", None))
-    model_config.model = str(model_dir)
-    cfg = KimiConfig.from_dir(model_dir)
-    user = validate_additional_config(additional_config)
-    plan = make_plan(cfg, instance=detect_instance(), tp=parallel_config.tensor_parallel_size,
-                     max_num_seqs=scheduler_config.max_num_seqs, max_model_len=model_config.max_model_len,
-                     overrides=user, model=str(model_dir))
-    converted = ensure_converted(model_dir)
+    with startup.phase("resolving"):
+        model_dir = resolve_model(model_config.model, getattr(model_config, "revision", None))
+        model_config.model = str(model_dir)
+        cfg = KimiConfig.from_dir(model_dir)
+        user = validate_additional_config(additional_config)
+        plan = make_plan(cfg, instance=detect_instance(), tp=parallel_config.tensor_parallel_size,
+                         max_num_seqs=scheduler_config.max_num_seqs, max_model_len=model_config.max_model_len,
+                         overrides=user, model=str(model_dir))
+    with startup.phase("converting", unit="MiB") as p:
+        converted = ensure_converted(
+            model_dir, on_progress=lambda done, total: p.update(done=done >> 20, total=total >> 20))
     neuron_config = {**plan.neuron_config, "quantized_checkpoints_path": str(converted)}
     install_plan_patches(plan.patches)
     user_dir = os.environ.get("NEURON_COMPILED_ARTIFACTS")

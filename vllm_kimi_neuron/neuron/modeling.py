@@ -47,6 +47,7 @@ from neuronx_distributed_inference.modules.moe_v2 import initialize_moe_module
 from safetensors import safe_open
 from torch import nn
 
+from .. import startup
 from ..checkpoint import CheckpointError, CheckpointIndex
 from ..config import KimiConfig
 from ..model import rope
@@ -299,6 +300,17 @@ class NeuronKimiK2ForCausalLM(NeuronBaseForCausalLM):
 
     def get_compiler_args(self) -> str:
         return f"{COMPILER_ARGS} --lnc={self.config.neuron_config.logical_nc_config}"
+
+    def compile(self, compiled_model_path: str, *args: Any, **kwargs: Any) -> Any:
+        """NxDI's compile as the start's "compiling" phase. neuronx-cc gives nothing to count, so the
+        phase is kept alive while it uses CPU, and a compile hung without it is reported as stalled."""
+        with startup.phase("compiling") as p, p.while_busy():
+            return super().compile(compiled_model_path, *args, **kwargs)
+
+    def load(self, compiled_model_path: str, *args: Any, **kwargs: Any) -> Any:
+        """NxDI's load (weights onto the cores, then its warm-up) as the "loading weights" phase."""
+        with startup.phase("loading") as p, p.while_busy():
+            return super().load(compiled_model_path, *args, **kwargs)
 
     @classmethod
     def save_quantized_state_dict(cls, model_path: str, config: InferenceConfig) -> None:
