@@ -19,8 +19,8 @@ def test_report_on_a_machine_without_neuron(tmp_path: Path) -> None:
                         tmp_path)
     text = report.text()
     assert "no Neuron devices (/dev/neuron*): this machine cannot serve on Trainium" in report.problems
-    assert "vllm-neuron is not installed (need 0.5.0x, Neuron SDK 2.29)" in report.problems
-    assert "vllm-neuron-kimi-model: patch 'vllm-neuron-kimi-model': vllm-neuron is not installed" in text
+    assert "vllm-neuron is not installed (need 0.5.0, Neuron SDK 2.29)" in report.problems
+    assert "  patch 'vllm-neuron-kimi-model': vllm-neuron is not installed" in report.lines
     assert "0123456789abcdef: complete; tp_degree=64, batch_size=8" in text
     assert "fedcba9876543210: incomplete (no model.pt)" in text
     assert "| weights | 16.0 GiB |" in text and text.rstrip().endswith(report.problems[-1])
@@ -33,3 +33,19 @@ def test_planner_refusal_is_reported_as_a_problem(tmp_path: Path) -> None:
     report = doctor.run([], refused, tmp_path / "absent")
     assert "does not fit: 31.2 GiB of weights per logical core, 24 GiB available" in report.problems
     assert "none yet: the first start compiles" in report.text()
+
+
+def test_cli_reports_the_plan_and_refuses_one_that_does_not_fit() -> None:
+    import subprocess
+    import sys
+
+    cli = str(Path(sys.executable).parent / "kimi-neuron")
+    ok = subprocess.run([cli, "doctor", "--tp", "64", "--max-num-seqs", "8", "--max-model-len", "2048"],
+                        capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 1  # no Neuron devices or SDK here
+    assert "## planned memory budget" in ok.stdout and "| headroom " in ok.stdout
+    assert "does not fit" not in ok.stdout
+    big = subprocess.run([cli, "doctor", "--tp", "64", "--max-num-seqs", "8", "--max-model-len", "32768"],
+                         capture_output=True, text=True, timeout=120)
+    assert big.returncode == 1
+    assert "  - does not fit: " in big.stdout and "To fit: lower --max-model-len" in big.stdout

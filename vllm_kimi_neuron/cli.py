@@ -117,6 +117,28 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from . import doctor, startup
+    from .config import KimiConfig, resolve_model
+    from .neuron import hooks
+    from .plan import make_plan
+    from .sampler_patches import patches_for
+
+    def plan_table() -> str:
+        cfg = KimiConfig.from_dir(resolve_model(args.model)) if args.model else KimiConfig()
+        plan = make_plan(cfg, args.instance, args.tp, args.max_num_seqs, args.max_model_len,
+                         _overrides_arg(args.overrides))
+        patches = ", ".join(plan.patches) or "none"
+        return (f"--tensor-parallel-size {plan.tp} --max-num-seqs {plan.max_num_seqs} --max-model-len "
+                f"{plan.max_model_len} on {plan.instance}: {plan.layout.describe()}\n{plan.table()}\n"
+                f"plan-dependent patches: {patches}")
+
+    registry = [*hooks.PATCHES, *hooks.SELECTIVE_LOADING, *patches_for("neuron"), *startup.PATCHES]
+    report = doctor.run(registry, plan_table, hooks.artifacts_root())
+    print(report.text())
+    return 1 if report.problems else 0
+
+
 def _layout(args: argparse.Namespace):  # noqa: ANN202 -- imported lazily
     from .layout import ParallelLayout
 
@@ -317,6 +339,16 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(default: Kimi-K2-Instruct-0905's values)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("doctor", help="SDK versions, Neuron devices, patches, compiled artifacts and the "
+                                      "planned memory budget on this machine (exit 1 on any problem)")
+    p.add_argument("--instance", choices=list(INSTANCES), default="trn2.48xlarge")
+    p.add_argument("--tp", type=int, default=64, help="vLLM --tensor-parallel-size you will serve with")
+    p.add_argument("--max-num-seqs", type=int, default=8)
+    p.add_argument("--max-model-len", type=int, default=2048)
+    p.add_argument("--overrides", metavar="JSON", help="as for `plan`")
+    p.add_argument("--model", help="as for `plan`")
+    p.set_defaults(func=cmd_doctor)
 
     p = sub.add_parser("golden", help="golden logprobs from the layer-streaming CPU reference (resumable)")
     p.add_argument("--model", type=Path, required=True, help="checkpoint directory (FP8 or BF16)")

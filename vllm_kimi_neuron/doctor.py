@@ -46,6 +46,10 @@ class Report:
         return "\n".join(self.lines).lstrip("\n") + "\n" + verdict
 
 
+def _wanted(prefix: str) -> str:
+    return f"{prefix}x" if prefix.endswith(".") else prefix
+
+
 def _versions(report: Report) -> None:
     report.section("packages")
     versions = artifacts.package_versions()
@@ -53,11 +57,12 @@ def _versions(report: Report) -> None:
         want = SUPPORTED.get(name)
         if found is None:
             if want is not None:
-                report.problem(f"{name} is not installed (need {want}x, Neuron SDK 2.29)")
+                report.problem(f"{name} is not installed (need {_wanted(want)}, Neuron SDK 2.29)")
             else:
                 report.add(f"{name}: not installed")
         elif want is not None and not found.startswith(want):
-            report.problem(f"{name} {found} is installed; this release targets {want}x (Neuron SDK 2.29)")
+            report.problem(f"{name} {found} is installed; this release targets {_wanted(want)} "
+                           "(Neuron SDK 2.29)")
         else:
             report.add(f"{name}: {found}")
 
@@ -81,7 +86,7 @@ def _patches(report: Report, patches: list[Patch]) -> None:
             check_version(patch)
         except PatchError as exc:
             installed = "is not installed" not in str(exc)
-            (report.problem if installed else report.add)(f"{patch.name}: {exc}")
+            (report.problem if installed else report.add)(str(exc))
             continue
         report.add(f"{patch.name}: {patch.distribution} in range {patch.versions}; applied when "
                    f"{patch.module} is imported")
