@@ -177,3 +177,25 @@ def test_prepare_converts_and_compiles_once_then_does_nothing(tiny_fp8: Path, tm
     # Another serving configuration is another compile.
     env["VLLM_SERVE_ARGS"] += " --max-num-seqs 4"
     assert prepare("--check").returncode == 1
+
+
+def _serve_flags(args: str) -> dict[str, int]:
+    words = args.split()
+    return {flag: int(words[words.index(flag) + 1])
+            for flag in ("--tensor-parallel-size", "--max-num-seqs", "--max-model-len")}
+
+
+def test_shipped_serve_arguments_are_a_plan_that_fits() -> None:
+    # The planner runs inside vLLM at start and refuses what does not fit; a shipped default it
+    # refuses would fail every deployment an hour in.
+    from vllm_kimi_neuron.config import KimiConfig
+    from vllm_kimi_neuron.plan import make_plan
+
+    env = dict(line.split("=", 1) for line in (DEPLOY / "kimi-neuron.env").read_text().splitlines()
+               if line and not line.startswith("#"))
+    config_map = yaml.safe_load((DEPLOY / "kubernetes" / "config.yaml").read_text())
+    assert config_map["data"]["VLLM_SERVE_ARGS"] == env["VLLM_SERVE_ARGS"]
+    flags = _serve_flags(env["VLLM_SERVE_ARGS"])
+    plan = make_plan(KimiConfig(), "trn2.48xlarge", flags["--tensor-parallel-size"], flags["--max-num-seqs"],
+                     flags["--max-model-len"])
+    assert plan.budget.headroom >= 0
