@@ -79,6 +79,8 @@ def test_a_missing_distribution_is_refused(target: str) -> None:
 def test_every_registered_patch_has_its_on_disk_diff() -> None:
     root = Path(__file__).resolve().parents[1]
     for patch in [*hooks.PATCHES, *hooks.SELECTIVE_LOADING]:
+        if patch is hooks.SERVE_SHAPE:
+            continue  # it runs the planner inside vLLM: there is no package-free source edit to ship
         assert patch.diff is not None and (root / patch.diff).is_file(), patch.name
         text = (root / patch.diff).read_text()
         # One on-disk diff may stand for several run-time patches of the same package.
@@ -93,3 +95,61 @@ def test_engine_ready_timeout_raised_only_when_unset(monkeypatch: pytest.MonkeyP
     import os
 
     assert os.environ["VLLM_ENGINE_READY_TIMEOUT_S"] == "900"
+
+
+def _model_dir(root: Path, raw: dict) -> Path:
+    import json
+
+    root.mkdir()
+    (root / "config.json").write_text(json.dumps(raw))
+    return root
+
+
+def test_serve_shape_fills_only_the_flags_left_out_on_vllms_own_engine_args(tmp_path: Path) -> None:
+    from vllm.engine.arg_utils import EngineArgs
+
+    from vllm_kimi_neuron.config import KimiConfig
+    from vllm_kimi_neuron.plan import default_shape
+
+    module = importlib.import_module(hooks.SERVE_SHAPE.module)
+    assert hooks.SERVE_SHAPE.check(module) is None  # the installed vLLM has what the hook uses
+    kimi = _model_dir(tmp_path / "kimi", KimiConfig().to_dict())
+
+    bare = EngineArgs(model=str(kimi), tensor_parallel_size=64)
+    line = hooks.fill_serving_shape(bare, instance="trn2.48xlarge")
+    chosen = default_shape(KimiConfig(), "trn2.48xlarge", 64, None, None)
+    assert (bare.max_num_seqs, bare.max_model_len) == chosen
+    assert line is not None and f"--max-num-seqs 8 --max-model-len {bare.max_model_len} chosen" in line
+
+    length_only = EngineArgs(model=str(kimi), tensor_parallel_size=64, max_model_len=8192)
+    line = hooks.fill_serving_shape(length_only, instance="trn2.48xlarge")
+    assert length_only.max_model_len == 8192 and line is not None and "--max-model-len" not in line
+
+    given = EngineArgs(model=str(kimi), tensor_parallel_size=64, max_num_seqs=16, max_model_len=1024)
+    assert hooks.fill_serving_shape(given, instance="trn2.48xlarge") is None
+    assert (given.max_num_seqs, given.max_model_len) == (16, 1024)
+
+    llama = _model_dir(tmp_path / "llama", {"architectures": ["LlamaForCausalLM"], "model_type": "llama"})
+    other = EngineArgs(model=str(llama), tensor_parallel_size=64)
+    assert hooks.fill_serving_shape(other, instance="trn2.48xlarge") is None
+    assert other.max_num_seqs is None
+
+
+def test_serve_shape_hook_runs_before_vllm_builds_its_config(tmp_path: Path) -> None:
+    from vllm.engine.arg_utils import EngineArgs
+
+    from vllm_kimi_neuron.config import KimiConfig
+
+    class Recording(EngineArgs):  # stands in for the config build: records what it would be given
+        def create_engine_config(self, *args: object, **kwargs: object) -> tuple[int | None, int | None]:
+            return self.max_num_seqs, self.max_model_len
+
+    module = ModuleType("arg_utils_under_test")
+    module.EngineArgs = Recording
+    hooks.SERVE_SHAPE.apply(module)
+    kimi = _model_dir(tmp_path / "kimi", KimiConfig().to_dict())
+    # No Neuron devices here: the instance is detected as unknown, which the planner refuses by name.
+    with pytest.raises(ValueError, match="unknown instance type"):
+        Recording(model=str(kimi), tensor_parallel_size=64).create_engine_config()
+    assert Recording(model=str(kimi), tensor_parallel_size=64, max_num_seqs=8,
+                     max_model_len=2048).create_engine_config() == (8, 2048)

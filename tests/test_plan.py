@@ -15,7 +15,7 @@ from vllm_kimi_neuron import doctor
 from vllm_kimi_neuron.config import KimiConfig
 from vllm_kimi_neuron.neuron import hooks
 from vllm_kimi_neuron.overrides import OverrideError, validate_additional_config
-from vllm_kimi_neuron.plan import GIB, RUNTIME_RESERVE_GIB, Plan, PlanError, make_plan
+from vllm_kimi_neuron.plan import GIB, RUNTIME_RESERVE_GIB, Plan, PlanError, default_shape, make_plan
 from vllm_kimi_neuron.tiny import tiny_config
 
 KIMI = KimiConfig()
@@ -113,6 +113,31 @@ def test_plans_that_do_not_fit_are_refused_with_what_fits() -> None:
         make_plan(KIMI, TRN2, tp=64, max_num_seqs=8, max_model_len=longest + 128)
     with pytest.raises(PlanError):
         make_plan(KIMI, TRN2, tp=64, max_num_seqs=most + 1, max_model_len=8192)
+
+
+@pytest.mark.parametrize("tp", [64, 32])
+def test_flags_left_out_get_the_largest_shape_that_fits(tp: int) -> None:
+    seqs, length = default_shape(KIMI, TRN2, tp, None, None)
+    assert seqs == 8 and length % 1024 == 0
+    make_plan(KIMI, TRN2, tp, seqs, length)
+    with pytest.raises(PlanError, match="does not fit"):
+        make_plan(KIMI, TRN2, tp, seqs, length + 1024)
+
+    seqs, length = default_shape(KIMI, TRN2, tp, None, 8192)  # only the length given
+    assert length == 8192 and 1 <= seqs < 8
+    make_plan(KIMI, TRN2, tp, seqs, 8192)
+    with pytest.raises(PlanError, match="does not fit"):
+        make_plan(KIMI, TRN2, tp, seqs + 1, 8192)
+
+    assert default_shape(KIMI, TRN2, tp, 4, None)[1] > default_shape(KIMI, TRN2, tp, 8, None)[1]
+    assert default_shape(KIMI, TRN2, tp, 16, 1024) == (16, 1024)  # both given: untouched, even if too big
+
+
+def test_flags_left_out_that_cannot_fit_are_refused() -> None:
+    with pytest.raises(PlanError, match="--max-model-len 262144 does not fit even with --max-num-seqs 1"):
+        default_shape(KIMI, TRN2, 64, None, 262144)
+    with pytest.raises(PlanError, match="--max-num-seqs 100000 does not fit at any --max-model-len"):
+        default_shape(KIMI, TRN2, 64, 100000, None)
 
 
 def test_a_single_chip_cannot_hold_kimi() -> None:

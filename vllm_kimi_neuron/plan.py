@@ -484,6 +484,48 @@ def _kernel_notes(cfg: KimiConfig, layout: Layout) -> list[str]:
     return notes
 
 
+# What a bare `vllm serve MODEL --tensor-parallel-size N` gets: a decode batch of 8 (NxDI's
+# token-generation graph is compiled for exactly this batch) and the longest context, in steps of
+# 1024 tokens, that then fits in HBM. vLLM's own defaults (the model's 262144 tokens, 128+ sequences)
+# never fit.
+DEFAULT_MAX_NUM_SEQS = 8
+LENGTH_STEP = 1024
+# Upper bound for --max-num-seqs when only --max-model-len is given: vllm-neuron's own default.
+MAX_DEFAULT_SEQS = 32
+
+
+def default_shape(cfg: KimiConfig, instance: str, tp: int, max_num_seqs: int | None,
+                  max_model_len: int | None, overrides: Mapping[str, Any] | None = None) -> tuple[int, int]:
+    """``(max_num_seqs, max_model_len)`` for the flags the user left out: the given ones are kept,
+    a missing batch is 8 (the largest up to 32 that fits when only the length is given), a missing
+    length the longest multiple of 1024 that fits (of 128 when not even 1024 does)."""
+    machine = _instance(instance)
+    free = _shape_free(validate_overrides(overrides or {}))
+
+    def fits(seqs: int, length: int) -> bool:
+        try:
+            return _configure(cfg, machine, tp, seqs, length, free)[3].headroom >= 0
+        except OverrideError:
+            return False
+
+    if max_num_seqs is None and max_model_len is not None:
+        seqs = _largest(lambda s: fits(s, max_model_len), 1, MAX_DEFAULT_SEQS)
+        if seqs is None:
+            raise PlanError(f"--max-model-len {max_model_len} does not fit even with --max-num-seqs 1 at "
+                            f"--tensor-parallel-size {tp}; lower it (`kimi-neuron plan` shows the budget)")
+        return seqs, max_model_len
+    seqs = max_num_seqs if max_num_seqs is not None else DEFAULT_MAX_NUM_SEQS
+    if max_model_len is not None:
+        return seqs, max_model_len
+    top = cfg.max_position_embeddings
+    for step in (LENGTH_STEP, 128):
+        n = _largest(lambda k, step=step: fits(seqs, k * step), 1, top // step)
+        if n is not None:
+            return seqs, n * step
+    raise PlanError(f"--max-num-seqs {seqs} does not fit at any --max-model-len at --tensor-parallel-size "
+                    f"{tp}; lower --max-num-seqs or raise --tensor-parallel-size")
+
+
 def make_plan(cfg: KimiConfig, instance: str, tp: int, max_num_seqs: int, max_model_len: int,
               overrides: Mapping[str, Any] | None = None, model: str = DEFAULT_MODEL) -> Plan:
     """The deployment for ``vllm serve MODEL --tensor-parallel-size tp --max-num-seqs

@@ -13,6 +13,7 @@ compiled-artifact directory chosen -> vllm-neuron's own loader with the merged c
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import os
@@ -139,6 +140,78 @@ def prepare_kimi(model_config: Any, parallel_config: Any, scheduler_config: Any,
     return {**additional_config, "override_neuron_config": neuron_config}
 
 
+def _hf_config(model: str, revision: str | None) -> dict[str, Any] | None:
+    """``model``'s config.json: from the directory, else the Hugging Face cache or hub (vLLM fetches
+    the same small file next); None when it cannot be had, so vLLM reports that in its own words."""
+    import json
+
+    path = Path(model).expanduser()
+    if not path.is_dir():
+        try:
+            from huggingface_hub import hf_hub_download
+
+            path = Path(hf_hub_download(model, "config.json", revision=revision)).parent
+        except Exception:  # any failure here (offline, no such repo) is vLLM's to report
+            return None
+    try:
+        return json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def fill_serving_shape(engine_args: Any, instance: str | None = None) -> str | None:
+    """Give a Kimi-K2/DeepSeek-V3 serve the ``--max-num-seqs`` / ``--max-model-len`` the planner
+    chooses when the user left them out (vLLM's defaults, 262144 tokens and 128+ sequences, never
+    fit in HBM), so that ``vllm serve MODEL --tensor-parallel-size N`` starts. Returns the log line,
+    or None when there was nothing to do (both given, or not a model this package serves)."""
+    from ..config import ARCHITECTURE, KimiConfig
+    from ..overrides import validate_additional_config
+    from ..plan import default_shape
+
+    if engine_args.max_num_seqs is not None and engine_args.max_model_len is not None:
+        return None
+    raw = _hf_config(engine_args.model, getattr(engine_args, "revision", None))
+    if raw is None or ARCHITECTURE not in (raw.get("architectures") or []):
+        return None
+    cfg = KimiConfig.from_dict(raw, source=f"{engine_args.model}/config.json")
+    user = validate_additional_config(engine_args.additional_config or {})
+    given = {"--max-num-seqs": engine_args.max_num_seqs, "--max-model-len": engine_args.max_model_len}
+    seqs, length = default_shape(cfg, instance or detect_instance(), engine_args.tensor_parallel_size,
+                                 engine_args.max_num_seqs, engine_args.max_model_len,
+                                 user.get("override_neuron_config"))
+    engine_args.max_num_seqs, engine_args.max_model_len = seqs, length
+    chosen = " ".join(f"{flag} {value}" for flag, value in
+                      (("--max-num-seqs", seqs), ("--max-model-len", length)) if given[flag] is None)
+    return (f"vllm-kimi-neuron: {chosen} chosen by the planner (the longest context that fits in HBM at "
+            f"--tensor-parallel-size {engine_args.tensor_parallel_size}); pass the flags to choose yourself")
+
+
+def _check_engine_args(module: ModuleType) -> str | None:
+    import dataclasses
+
+    cls = getattr(module, "EngineArgs", None)
+    if cls is None or not dataclasses.is_dataclass(cls):
+        return "it has no EngineArgs dataclass"
+    if not callable(getattr(cls, "create_engine_config", None)):
+        return "EngineArgs has no create_engine_config"
+    missing = {"model", "revision", "tensor_parallel_size", "max_num_seqs", "max_model_len",
+               "additional_config"} - {f.name for f in dataclasses.fields(cls)}
+    return f"EngineArgs has no field(s) {sorted(missing)}" if missing else None
+
+
+def _wrap_create_engine_config(module: ModuleType) -> None:
+    original = module.EngineArgs.create_engine_config
+
+    @functools.wraps(original)
+    def create_engine_config(self: Any, *args: Any, **kwargs: Any) -> Any:
+        line = fill_serving_shape(self)
+        if line:
+            logger.info(line)
+        return original(self, *args, **kwargs)
+
+    module.EngineArgs.create_engine_config = create_engine_config
+
+
 def detect_instance() -> str:
     """The EC2 instance type from the Neuron device count (16 devices: trn2.48xlarge)."""
     devices = sorted(Path("/dev").glob("neuron[0-9]*"))
@@ -193,6 +266,20 @@ SELECTIVE_LOADING = [
     for target in THRESHOLD_MODULES
 ]
 
+# Runs in the API server, where vLLM builds its config; no on-disk twin (see patches/README.md).
+SERVE_SHAPE = Patch(
+    name="vllm-engine-args-kimi-shape",
+    distribution="vllm",
+    versions=">=0.16,<0.33",
+    module="vllm.engine.arg_utils",
+    why="`vllm serve MODEL --tensor-parallel-size N` without --max-num-seqs/--max-model-len gets a "
+        "shape that fits in HBM (vLLM's defaults do not); flags the user gives are kept",
+    check=_check_engine_args,
+    apply=_wrap_create_engine_config,
+    diff=None,
+)
+
+
 PATCHES = [
     Patch(
         name="vllm-neuron-kimi-model",
@@ -215,6 +302,7 @@ PATCHES = [
         apply=_rebind_runner,
         diff="patches/vllm-neuron-kimi-model.diff",
     ),
+    SERVE_SHAPE,
 ]
 
 PLAN_PATCHES = {"selective-loading-threshold": SELECTIVE_LOADING}
