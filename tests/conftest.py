@@ -6,6 +6,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+import openai
 import pytest
 
 from vllm_kimi_neuron.convert import convert
@@ -43,3 +44,8 @@ def server(tiny_bf16: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         finally:
             srv.stop()
     assert srv.proc.poll() is not None
+
+
+@pytest.fixture(scope="session")
+def client(server: Server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.spec.url + "/v1", api_key="unused", max_retries=0)

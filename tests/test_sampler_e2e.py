@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 import re
 import time
-from pathlib import Path
 
 import openai
 import pytest
@@ -22,20 +21,9 @@ KIMI_EOS, IM_END = 163585, 163586
 COUNTS = re.compile(r"(\d+) batches sampled: (\d+) by the host sampler, (\d+) by vLLM's stock sampler")
 
 
-@pytest.fixture(scope="module")
-def client(server: Server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.spec.url + "/v1", api_key="unused", max_retries=0)
-
-
-def _log(server: Server) -> str:
-    assert server._log is not None
-    server._log.flush()
-    return Path(server._log.name).read_text(errors="replace")
-
-
 def _counts(server: Server) -> tuple[int, int]:
     """(host sampler, stock sampler) batch counts from the last counts line of the server log."""
-    found = COUNTS.findall(_log(server))
+    found = COUNTS.findall(server.log_text())
     return (int(found[-1][1]), int(found[-1][2])) if found else (0, 0)
 
 
@@ -53,7 +41,7 @@ def _token_ids(choice: object) -> list[int]:
 
 
 def test_host_sampler_is_installed_and_samples_every_step(client: openai.OpenAI, server: Server) -> None:
-    log = _log(server)
+    log = server.log_text()
     assert "applied patch vllm-cpu-runner-host-sampler to vllm.v1.worker.cpu_model_runner" in log
     assert "installed in vLLM's CPUModelRunner in place of vLLM's stock sampler" in log
     fast, stock = _counts(server)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
 import httpx
 import openai
@@ -29,19 +28,8 @@ TOOLS = [{
 }]
 
 
-@pytest.fixture(scope="module")
-def client(server: Server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.spec.url + "/v1", api_key="unused", max_retries=0)
-
-
-def _log(server: Server) -> str:
-    assert server._log is not None
-    server._log.flush()
-    return Path(server._log.name).read_text(errors="replace")
-
-
 def test_plugin_registered_in_every_serving_process(server: Server) -> None:
-    log = _log(server)
+    log = server.log_text()
     pids = {int(p) for p in re.findall(r"vllm-kimi-neuron \S+ registered in pid (\d+): mode=inert", log)}
     engine = {int(p) for p in re.findall(r"\(EngineCore pid=(\d+)\)", log)}
     assert server.pid in pids, "register() did not run in the API server process"

@@ -163,12 +163,16 @@ class Server:
             time.sleep(0.5)
         raise ServerError(f"vllm serve was not healthy after {timeout:.0f} s" + self._log_tail())
 
-    def _log_tail(self, lines: int = 30) -> str:
+    def log_text(self) -> str:
+        """What the server has printed so far ("" when its output does not go to a named file)."""
         if self._log is None or not hasattr(self._log, "name"):
             return ""
         self._log.flush()
-        text = Path(self._log.name).read_text(errors="replace").splitlines()
-        return "\n--- last lines of the server log ---\n" + "\n".join(text[-lines:])
+        return Path(self._log.name).read_text(errors="replace")
+
+    def _log_tail(self, lines: int = 30) -> str:
+        text = self.log_text().splitlines()
+        return "\n--- last lines of the server log ---\n" + "\n".join(text[-lines:]) if text else ""
 
     def stop(self, grace: float = 20.0) -> int:
         """SIGTERM the server's process group, SIGKILL it after ``grace`` seconds; returns exit code."""
