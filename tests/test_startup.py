@@ -415,9 +415,12 @@ def _body(server: Server, tokens: int) -> dict:
 
 def test_drain_waits_for_the_request_in_flight(served: tuple[Server, Systemd, Path]) -> None:
     server, _, _ = served
+    # Long enough that the request is still decoding when the checks below look (48 tokens of the
+    # tiny model could finish between two of them on an idle machine).
+    tokens = 384
     chunks: list[dict] = []
     started = threading.Event()
-    t = threading.Thread(target=_stream, args=(server.spec.url, _body(server, 48), chunks, started))
+    t = threading.Thread(target=_stream, args=(server.spec.url, _body(server, tokens), chunks, started))
     t.start()
     try:
         assert started.wait(60)
@@ -428,7 +431,7 @@ def test_drain_waits_for_the_request_in_flight(served: tuple[Server, Systemd, Pa
         assert r.returncode == 0 and "no request in flight" in r.stdout
     finally:
         t.join(30)
-    assert chunks[-1] == {"done": True} and chunks[-2]["usage"]["completion_tokens"] == 48
+    assert chunks[-1] == {"done": True} and chunks[-2]["usage"]["completion_tokens"] == tokens
 
 
 def test_sigterm_drains_a_streaming_request_then_stops(served: tuple[Server, Systemd, Path]) -> None:
