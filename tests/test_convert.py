@@ -14,6 +14,7 @@ from safetensors import safe_open
 from vllm_kimi_neuron.checkpoint import INDEX_NAME, CheckpointError, CheckpointIndex, read_header
 from vllm_kimi_neuron.config import KimiConfig
 from vllm_kimi_neuron.convert import (
+    FORMATS,
     MANIFEST,
     RANK_FILE,
     STATE,
@@ -202,6 +203,18 @@ def test_bad_checkpoints_are_named(tiny_fp8: Path, tiny_bf16: Path, tmp_path: Pa
     assert not (tmp_path / "o1" / MANIFEST).exists()
     with pytest.raises(CheckpointError, match="no quantization_config"):
         convert(tiny_bf16, tmp_path / "o2", "bf16", show_progress=False)
+    nan = Path(shutil.copytree(tiny_fp8, tmp_path / "nan"))
+    for i, name in enumerate(("model.layers.1.mlp.experts.3.up_proj.weight",
+                              "model.layers.2.self_attn.o_proj.weight")):
+        shard = nan / index["weight_map"][name]
+        with shard.open("r+b") as f:  # one byte of the weight becomes e4m3fn's NaN
+            f.seek(read_header(shard)[name].start + 5)
+            f.write(b"\xff")
+        for fmt in FORMATS:
+            with pytest.raises(CheckpointError, match=rf"{shard}: '{name}': NaN .* in rows 0\.\.\d+"):
+                convert(nan, tmp_path / f"o-{i}-{fmt}", fmt, show_progress=False)
+            assert not (tmp_path / f"o-{i}-{fmt}" / MANIFEST).exists()
+        shutil.copy(tiny_fp8 / index["weight_map"][name], shard)
 
 
 def _deep_checkpoint(root: Path) -> Path:

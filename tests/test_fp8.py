@@ -1,7 +1,14 @@
 import pytest
 import torch
 
-from vllm_kimi_neuron.fp8 import FP8_DTYPE, FP8_MAX, dequantize_blockwise, quantize_blockwise
+from vllm_kimi_neuron.fp8 import (
+    FP8_DTYPE,
+    FP8_MAX,
+    NEURON_FP8_MAX,
+    dequantize_blockwise,
+    quantize_blockwise,
+    quantize_per_channel,
+)
 
 
 def _dequant_by_loops(q: torch.Tensor, scale: torch.Tensor, block: int) -> torch.Tensor:
@@ -48,3 +55,46 @@ def test_wrong_scale_shape_is_explained() -> None:
         dequantize_blockwise(q, torch.ones(1, 2))
     with pytest.raises(ValueError, match="float8"):
         dequantize_blockwise(torch.ones(4, 4), torch.ones(1, 1))
+
+
+def _per_row_by_whole_tensor(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Independent reference: the per-row Neuron quantisation as whole-tensor passes."""
+    amax = w.abs().amax(dim=1, keepdim=True)
+    scale = torch.where(amax > 0, amax / NEURON_FP8_MAX, torch.ones_like(amax))
+    return (w / scale).clamp(-NEURON_FP8_MAX, NEURON_FP8_MAX).to(FP8_DTYPE), scale
+
+
+@pytest.mark.parametrize("band", [1, 37 * 384, 1 << 18])  # a row a band, bands across blocks, one band
+@pytest.mark.parametrize("shape", [(256, 384), (300, 200), (5, 7)])
+def test_per_channel_from_block_fp8_is_bitwise_the_whole_tensor_result(shape: tuple[int, int],
+                                                                        band: int) -> None:
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(2)) * 0.05
+    w[:3, :3] *= 100
+    w[4] = 0  # an all-zero row keeps scale 1
+    q, block_scale = quantize_blockwise(w)
+    got_q, got_s = quantize_per_channel(q, block_scale, band_elements=band)
+    want_q, want_s = _per_row_by_whole_tensor(_dequant_by_loops(q, block_scale, 128))
+    assert got_q.dtype == FP8_DTYPE and got_s.shape == (shape[0], 1) and got_s[4, 0] == 1
+    assert torch.equal(got_q.view(torch.uint8), want_q.view(torch.uint8))
+    assert torch.equal(got_s, want_s)
+    assert got_q.float().abs().amax() == NEURON_FP8_MAX  # never the exponent-15 range above 240
+    bf16 = w.to(torch.bfloat16)
+    got_q, got_s = quantize_per_channel(bf16, band_elements=band)  # a weight that is not block FP8
+    want_q, want_s = _per_row_by_whole_tensor(bf16.float())
+    assert torch.equal(got_q.view(torch.uint8), want_q.view(torch.uint8)) and torch.equal(got_s, want_s)
+
+
+def test_per_channel_refuses_what_it_cannot_quantise() -> None:
+    q, scale = quantize_blockwise(torch.randn(256, 256))
+    with pytest.raises(ValueError, match="2-D weight"):
+        quantize_per_channel(torch.ones(2, 3, 4))
+    with pytest.raises(ValueError, match="needs"):
+        quantize_per_channel(q, scale[:1])
+    with pytest.raises(ValueError, match="expected a torch.float8_e4m3fn weight"):
+        quantize_per_channel(q.float(), scale)
+    with pytest.raises(ValueError, match=r"NaN in rows 0\.\.1"):
+        quantize_per_channel(torch.tensor([[1.0, 2.0], [3.0, float("nan")]]))
+    q.view(torch.uint8)[200, 7] = 0x7F  # e4m3fn's NaN
+    for fn in (quantize_per_channel, dequantize_blockwise):
+        with pytest.raises(ValueError, match=r"NaN \(e4m3 byte 0x7f or 0xff\) in rows 0\.\.255"):
+            fn(q, scale)

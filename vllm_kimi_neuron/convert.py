@@ -123,6 +123,18 @@ class _Reader:
         t = self.raw(name)
         if t.dtype != FP8_DTYPE:
             return t.to(dtype)
+        return self._with_scale(name, lambda s, block: dequantize_blockwise(t, s, block, dtype))
+
+    def per_channel_t(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Weight ``name`` ``[out, in]`` quantised for Neuron and transposed to ``[in, out]``, as
+        NxD's expert linears keep it, with its ``[1, out]`` scales."""
+        t = self.raw(name)
+        if t.dtype != FP8_DTYPE:
+            return quantize_per_channel(t, transpose=True)
+        return self._with_scale(name, lambda s, block: quantize_per_channel(t, s, block, transpose=True))
+
+    def _with_scale(self, name: str, fn: Callable[[torch.Tensor, tuple[int, int]], Any]) -> Any:
+        """``fn(scale_inv, block)`` for FP8 tensor ``name``; a missing or misshapen scale is named."""
         scale_name = name[: -len("weight")] + SCALE_SUFFIX
         if scale_name not in self.index.weight_map:
             raise CheckpointError(
@@ -131,7 +143,7 @@ class _Reader:
             )
         assert self.cfg.quantization is not None
         try:
-            return dequantize_blockwise(t, self.raw(scale_name), self.cfg.quantization.block, dtype)
+            return fn(self.raw(scale_name), self.cfg.quantization.block)
         except ValueError as exc:
             raise CheckpointError(
                 f"{self.index.root / self.index.weight_map[name]}: {name!r}: {exc}") from None
@@ -169,14 +181,10 @@ def _neuron_group(reader: _Reader, group: Group) -> Iterator[tuple[str, torch.Te
     down = torch.empty(e_count, inter, h, dtype=FP8_DTYPE)
     down_scale = torch.empty(e_count, 1, h)
     p = f"model.layers.{group.layer}.mlp.experts."
-    for e in range(e_count):
-        # Transposed to [in, out] as NxD's expert linears keep them; one expert at a time bounds
-        # the fp32 intermediates to a single expert.
-        fused = torch.cat([reader.full(f"{p}{e}.gate_proj.weight", torch.float32).T,
-                           reader.full(f"{p}{e}.up_proj.weight", torch.float32).T], dim=1)
-        gate_up[e], gate_up_scale[e] = quantize_per_channel(fused, reduce_dim=0)
-        down[e], down_scale[e] = quantize_per_channel(
-            reader.full(f"{p}{e}.down_proj.weight", torch.float32).T, reduce_dim=0)
+    for e in range(e_count):  # one expert weight at a time bounds the intermediates
+        gate_up[e, :, :inter], gate_up_scale[e, :, :inter] = reader.per_channel_t(f"{p}{e}.gate_proj.weight")
+        gate_up[e, :, inter:], gate_up_scale[e, :, inter:] = reader.per_channel_t(f"{p}{e}.up_proj.weight")
+        down[e], down_scale[e] = reader.per_channel_t(f"{p}{e}.down_proj.weight")
     prefix = f"layers.{group.layer}.{EXPERTS}"
     yield prefix + "gate_up_proj.weight", gate_up
     yield prefix + "gate_up_proj.scale", gate_up_scale

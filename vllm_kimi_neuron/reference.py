@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from . import weights as names
-from .checkpoint import CheckpointIndex
+from .checkpoint import CheckpointError, CheckpointIndex
 from .config import KimiConfig
 from .fp8 import FP8_DTYPE, dequantize_blockwise
 from .model import rope
@@ -80,7 +80,10 @@ class Reference:
             return t.float()
         assert self.cfg.quantization is not None  # validate() refuses FP8 without it
         scale = self.index.read(names.scale_name(name))
-        return dequantize_blockwise(t, scale, self.cfg.quantization.block, dtype=torch.float32)
+        try:
+            return dequantize_blockwise(t, scale, self.cfg.quantization.block, dtype=torch.float32)
+        except ValueError as exc:
+            raise CheckpointError(f"{self.index.entry(name)[0]}: {name!r}: {exc}") from None
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """``[B, T]`` token ids -> ``[B, T, hidden]``, reading only the embedding rows used."""
