@@ -90,7 +90,7 @@ def test_per_channel_refuses_what_it_cannot_quantise() -> None:
         quantize_per_channel(torch.ones(2, 3, 4))
     with pytest.raises(ValueError, match="needs"):
         quantize_per_channel(q, scale[:1])
-    with pytest.raises(ValueError, match="expected a torch.float8_e4m3fn weight"):
+    with pytest.raises(ValueError, match=r"expected a torch\.float8_e4m3fn weight"):
         quantize_per_channel(q.float(), scale)
     with pytest.raises(ValueError, match=r"NaN in rows 0\.\.1"):
         quantize_per_channel(torch.tensor([[1.0, 2.0], [3.0, float("nan")]]))
