@@ -98,3 +98,12 @@ def test_per_channel_refuses_what_it_cannot_quantise() -> None:
     for fn in (quantize_per_channel, dequantize_blockwise):
         with pytest.raises(ValueError, match=r"NaN \(e4m3 byte 0x7f or 0xff\) in rows 0\.\.255"):
             fn(q, scale)
+
+
+def test_transposed_result_is_the_transpose_across_its_512_row_steps() -> None:
+    w = torch.randn(1100, 130, generator=torch.Generator().manual_seed(3))  # three steps, the last partial
+    q, block_scale = quantize_blockwise(w)
+    rows_q, rows_s = quantize_per_channel(q, block_scale)
+    got_q, got_s = quantize_per_channel(q, block_scale, transpose=True)
+    assert got_q.shape == (130, 1100) and got_s.shape == (1, 1100)
+    assert torch.equal(got_q.view(torch.uint8), rows_q.view(torch.uint8).T) and torch.equal(got_s, rows_s.T)
