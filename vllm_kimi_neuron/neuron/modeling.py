@@ -40,7 +40,10 @@ from neuronx_distributed.parallel_layers.layers import (
     ParallelEmbedding,
     RowParallelLinear,
 )
-from neuronx_distributed.parallel_layers.parallel_state import get_tensor_model_parallel_size
+from neuronx_distributed.parallel_layers.parallel_state import (
+    get_expert_model_parallel_size,
+    get_tensor_model_parallel_size,
+)
 from neuronx_distributed_inference.models.config import InferenceConfig, MoENeuronConfig
 from neuronx_distributed_inference.models.model_base import NeuronBaseForCausalLM, NeuronBaseModel
 from neuronx_distributed_inference.modules.moe_v2 import initialize_moe_module
@@ -235,6 +238,16 @@ class KimiDenseMLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+class _DivideOutput:
+    """A forward hook dividing a module's output by ``n`` (exact when ``n`` is a power of two)."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __call__(self, module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
+        return output / self.n
+
+
 class KimiDecoderLayer(nn.Module):
     def __init__(self, config: KimiK2InferenceConfig, layer: int) -> None:
         super().__init__()
@@ -247,6 +260,12 @@ class KimiDecoderLayer(nn.Module):
             # plus SharedExperts with the checkpoint's names; only the router is ours.
             self.mlp = initialize_moe_module(config=config)
             self.mlp.router = KimiRouter(config)
+            replicas = get_expert_model_parallel_size()
+            if replicas > 1 and self.mlp.shared_experts is not None:
+                # With whole-model expert parallelism NxD's MoE adds the shared experts' partial sums
+                # (split over the tp group, reduce_output=False) to the routed output, then all-reduces
+                # over all tp*ep ranks: each of the ep replicas of the shared expert would count once.
+                self.mlp.shared_experts.register_forward_hook(_DivideOutput(replicas))
         else:
             self.mlp = KimiDenseMLP(config)
 
