@@ -15,6 +15,7 @@ from vllm_kimi_neuron.artifacts import (
     artifact_key,
     choose,
     config_diff,
+    mark_complete,
 )
 
 REQUEST = {"tp_degree": 64, "batch_size": 8, "router_config": {"act_fn": "sigmoid", "dtype": "float32"},
@@ -28,6 +29,7 @@ def _compiled(directory: Path, neuron_config: dict) -> None:
     stored = {**neuron_config, "torch_dtype": "torch.bfloat16", "n_active_tokens": 1024}
     (directory / CONFIG_FILE).write_text(json.dumps({"neuron_config": stored, "hidden_size": 7168}))
     (directory / MODEL_FILE).write_bytes(b"traced")
+    mark_complete(directory)
 
 
 def test_key_changes_with_every_input() -> None:
@@ -77,6 +79,21 @@ def test_interrupted_compile_is_moved_aside_not_deleted(tmp_path: Path) -> None:
     assert decision.action == "compile" and "moved to" in decision.note
     aside = [p for p in tmp_path.iterdir() if p.name.startswith(directory.name + ".incomplete-")]
     assert len(aside) == 1 and (aside[0] / CONFIG_FILE).exists()
+
+
+def test_model_pt_without_the_completion_mark_is_unfinished(tmp_path: Path) -> None:
+    """NxDI writes model.pt before it shards the weights: a compile killed while sharding has one."""
+    directory = choose(tmp_path, "rev", REQUEST, VERSIONS).directory
+    (directory / CONFIG_FILE).write_text(json.dumps({"neuron_config": REQUEST}))
+    (directory / MODEL_FILE).write_bytes(b"traced")
+    decision = choose(tmp_path, "rev", REQUEST, VERSIONS)
+    assert decision.action == "compile" and "moved to" in decision.note
+    user = tmp_path / "mine"
+    _compiled(user, REQUEST)
+    (user / "kimi_neuron_compiled.json").unlink()
+    with pytest.raises(StaleArtifactsError, match=r"no finished compile .*nothing was deleted"):
+        choose(tmp_path / "root", "rev", REQUEST, VERSIONS, user_dir=user)
+    assert (user / MODEL_FILE).exists()
 
 
 def test_diff_normalises_dtype_names_and_ignores_keys_nxdi_adds() -> None:

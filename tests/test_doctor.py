@@ -13,6 +13,7 @@ def test_report_on_a_machine_without_neuron(tmp_path: Path) -> None:
     done = tmp_path / "0123456789abcdef"
     done.mkdir()
     (done / artifacts.MODEL_FILE).write_bytes(b"x")
+    artifacts.mark_complete(done)
     (done / artifacts.KEY_FILE).write_text(json.dumps({"neuron_config": {"tp_degree": 64, "batch_size": 8}}))
     (tmp_path / "fedcba9876543210").mkdir()
     report = doctor.run([*hooks.PATCHES, *hooks.SELECTIVE_LOADING], lambda: "| weights | 16.0 GiB |",
@@ -22,7 +23,7 @@ def test_report_on_a_machine_without_neuron(tmp_path: Path) -> None:
     assert "vllm-neuron is not installed (need 0.5.0, Neuron SDK 2.29)" in report.problems
     assert "  patch 'vllm-neuron-kimi-model': vllm-neuron is not installed" in report.lines
     assert "0123456789abcdef: complete; tp_degree=64, batch_size=8" in text
-    assert "fedcba9876543210: incomplete (no model.pt)" in text
+    assert "fedcba9876543210: incomplete (no kimi_neuron_compiled.json: the compile did not finish)" in text
     assert "| weights | 16.0 GiB |" in text and text.rstrip().endswith(report.problems[-1])
 
 

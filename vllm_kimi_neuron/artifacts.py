@@ -7,6 +7,11 @@ gets its own directory under a root, named by a hash of everything that shapes t
 graphs; a matching directory is reused with one log line, a stored configuration that disagrees
 with the request is refused with a diff, and nothing a user compiled is ever deleted (an
 interrupted compile is moved aside, not removed).
+
+NxDI stores its configuration in its own form (keys renamed, objects as their ``__dict__``), so the
+request is compared in that form: the caller passes what NxDI would store for it
+(``neuron.modeling.stored_neuron_config``). NxDI writes ``model.pt`` before it shards the weights,
+so a compile counts as finished only by this package's mark, written after NxDI's compile returns.
 """
 
 from __future__ import annotations
@@ -18,10 +23,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-# What NxDI writes: the config first, the traced model when compilation has finished.
+# What NxDI writes: the config first, then the traced model, then the sharded weights.
 CONFIG_FILE = "neuron_config.json"
 MODEL_FILE = "model.pt"
 KEY_FILE = "kimi_neuron_artifacts.json"
+# Written by this package once NxDI's compile (tracing, compiling and sharding) has returned.
+COMPLETE_FILE = "kimi_neuron_compiled.json"
 
 # Packages whose versions change what the compiler produces or how it is loaded.
 VERSIONED_PACKAGES = ("vllm-kimi-neuron", "neuronx-distributed-inference", "neuronx-distributed",
@@ -83,6 +90,15 @@ def stored_neuron_config(directory: Path) -> dict[str, Any]:
     return raw.get("neuron_config", raw)
 
 
+def mark_complete(directory: Path) -> None:
+    """Record that NxDI's compile into ``directory`` finished (call after it returns)."""
+    (directory / COMPLETE_FILE).write_text(json.dumps({"completed": time.strftime("%Y-%m-%dT%H:%M:%S%z")}) + "\n")
+
+
+def is_complete(directory: Path) -> bool:
+    return (directory / COMPLETE_FILE).exists()
+
+
 @dataclass(frozen=True)
 class Decision:
     directory: Path
@@ -90,16 +106,23 @@ class Decision:
     note: str
 
 
+def _stale(directory: Path, expected: dict[str, Any]) -> list[str]:
+    return config_diff(stored_neuron_config(directory), expected)
+
+
 def choose(root: Path, model_revision: str, neuron_config: dict[str, Any],
-           versions: dict[str, str | None], user_dir: Path | None = None) -> Decision:
+           versions: dict[str, str | None], user_dir: Path | None = None,
+           as_stored: dict[str, Any] | None = None) -> Decision:
     """Where to compile or what to reuse for this request.
 
-    ``user_dir`` is a ``NEURON_COMPILED_ARTIFACTS`` the user set: it is used as given, but only if
-    its stored configuration agrees with the request.
+    ``as_stored`` is the request in the form NxDI writes to ``neuron_config.json`` (default: the
+    request itself). ``user_dir`` is a ``NEURON_COMPILED_ARTIFACTS`` the user set: it is used as
+    given, but only if it holds a finished compile whose stored configuration agrees, or nothing.
     """
+    expected = neuron_config if as_stored is None else as_stored
     if user_dir is not None:
-        if (user_dir / MODEL_FILE).exists():
-            diff = config_diff(stored_neuron_config(user_dir), neuron_config)
+        if is_complete(user_dir):
+            diff = _stale(user_dir, expected)
             if diff:
                 raise StaleArtifactsError(
                     f"NEURON_COMPILED_ARTIFACTS={user_dir} was compiled with another configuration; "
@@ -109,11 +132,18 @@ def choose(root: Path, model_revision: str, neuron_config: dict[str, Any],
                 )
             return Decision(user_dir, "reuse", f"reusing compiled artifacts in {user_dir}"
                             " (NEURON_COMPILED_ARTIFACTS)")
+        if user_dir.exists() and any(user_dir.iterdir()):
+            raise StaleArtifactsError(
+                f"NEURON_COMPILED_ARTIFACTS={user_dir} holds files but no finished compile by vllm-kimi-neuron "
+                f"(no {COMPLETE_FILE}): an interrupted compile (NxDI writes {MODEL_FILE} before it shards the "
+                "weights) or one made by another tool, which vllm-neuron would load as it is. Move it away "
+                "or point NEURON_COMPILED_ARTIFACTS at an empty directory; nothing was deleted"
+            )
         return Decision(user_dir, "compile", f"compiling into {user_dir} (NEURON_COMPILED_ARTIFACTS)")
     key = artifact_key(model_revision, neuron_config, versions)
     directory = root / key
-    if (directory / MODEL_FILE).exists():
-        diff = config_diff(stored_neuron_config(directory), neuron_config)
+    if is_complete(directory):
+        diff = _stale(directory, expected)
         if diff:
             raise StaleArtifactsError(
                 f"{directory} is keyed for this configuration but its {CONFIG_FILE} disagrees (edited by "
@@ -121,7 +151,7 @@ def choose(root: Path, model_revision: str, neuron_config: dict[str, Any],
                 f"\nmove {directory} away to recompile; nothing was deleted"
             )
         return Decision(directory, "reuse", f"reusing compiled artifacts {directory} (key {key})")
-    note = f"compiling into {directory} (key {key}; no artifacts for this configuration yet)"
+    note = f"compiling into {directory} (key {key}; no finished compile for this configuration yet)"
     if directory.exists() and any(directory.iterdir()):
         aside = directory.with_name(f"{directory.name}.incomplete-{time.strftime('%Y%m%d-%H%M%S')}")
         directory.rename(aside)

@@ -98,7 +98,8 @@ def _artifacts(report: Report, root: Path) -> None:
     if not entries:
         report.add("none yet: the first start compiles (tens of minutes)")
     for directory in entries:
-        state = "complete" if (directory / artifacts.MODEL_FILE).exists() else "incomplete (no model.pt)"
+        state = ("complete" if artifacts.is_complete(directory)
+                 else f"incomplete (no {artifacts.COMPLETE_FILE}: the compile did not finish)")
         key_file = directory / artifacts.KEY_FILE
         summary = ""
         if key_file.exists():
