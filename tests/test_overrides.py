@@ -71,8 +71,7 @@ def test_nested_keys_are_what_nxd_and_nxdi_read() -> None:
     moe_configs = NXD["neuronx_distributed.modules.moe.moe_configs"]["classes"]
     blockwise = moe_configs["BlockwiseMatmulConfig"]["methods"]["from_kwargs"]["kwargs_keys"]
     assert set(NESTED_KINDS["blockwise_matmul_config"]) == set(blockwise)
-    router = moe_configs["RouterConfig"]["methods"]["__init__"]
-    assert set(NESTED_KINDS["router_config"]) == {p["name"] for p in router["params"]} - {"self"}
+    assert "router_config" not in NESTED_KINDS  # refused as a key that does nothing for this model
     sampling = CONFIG_CLASSES["OnDeviceSamplingConfig"]["methods"]["__init__"]["kwargs_keys"]
     assert set(NESTED_KINDS["on_device_sampling_config"]) == set(sampling)
 
@@ -97,12 +96,13 @@ def test_kimi_defaults() -> None:
     assert d["seq_len"] == d["max_context_length"] == 3000
     assert d["enable_bucketing"] is True
     assert d["context_encoding_buckets"] == d["token_generation_buckets"] == [128, 256, 512, 1024, 2048, 3000]
-    assert (d["logical_nc_config"], d["on_device_sampling_config"], d["capacity_factor"]) == (2, None, None)
+    assert (d["logical_nc_config"], d["on_device_sampling_config"]) == (2, None)
+    assert (d["is_prefix_caching"], d["is_block_kv_layout"]) == (False, False)
+    assert "capacity_factor" not in d and "router_config" not in d  # NxDI never uses them for this model
     assert (d["quantized"], d["quantization_type"], d["quantization_dtype"]) == (
         True, "expert_wise_per_channel_symmetric", "f8e4m3")
     assert d["blockwise_matmul_config"] == {"use_shard_on_block_dynamic_while": True,
                                             "block_sharding_strategy": "PING_PONG", "logical_nc_config": 2}
-    assert d["router_config"] == {"act_fn": "sigmoid", "dtype": "float32"}
     assert d["disable_normalize_top_k_affinities"] is True and d["save_sharded_checkpoint"] is True
     assert (d["tp_degree"], d["ep_degree"], d["moe_tp_degree"], d["moe_ep_degree"]) == (64, 1, 64, 1)
     assert defaults(seqs=1)["is_continuous_batching"] is True
@@ -171,7 +171,9 @@ def test_keys_the_plugin_manages_say_what_to_use() -> None:
     ({"context_encoding_buckets": [128, "256"]},
      "context_encoding_buckets must be a list of integers or null"),
     ({"on_device_sampling_config": [1]}, "on_device_sampling_config must be a JSON object or null"),
-    ({"capacity_factor": "2.0"}, "capacity_factor must be a number or null, got '2.0' (str)"),
+    ({"capacity_factor": 2.0}, "capacity_factor: it has no effect: NxDI 0.9's MoE builder"),
+    ({"router_config": {"act_fn": "sigmoid"}},
+     "router_config: it has no effect: it configures NxD's RouterTopK"),
     ({"modules_to_not_convert": "lm_head"}, "modules_to_not_convert must be a list of strings or null"),
     ({"blockwise_matmul_config": {"block_size": "512"}},
      "blockwise_matmul_config.block_size must be an integer"),
@@ -192,7 +194,7 @@ def test_every_problem_is_reported_at_once_and_good_input_is_copied() -> None:
     with pytest.raises(OverrideError) as exc:
         validate_overrides({"tkg_batch": 8, "logical-nc-config": 2, "seq_len": "x"})
     assert problems_of(exc).startswith("override_neuron_config: 3 problems:")
-    given = {"blockwise_matmul_config": {"block_size": 256}, "capacity_factor": 64, "skip_warmup": True}
+    given = {"blockwise_matmul_config": {"block_size": 256}, "skip_warmup": True}
     out = validate_overrides(given)
     assert out == given
     out["blockwise_matmul_config"]["block_size"] = 1024
@@ -226,17 +228,14 @@ def test_additional_config() -> None:
 def test_merge_user_wins() -> None:
     d = defaults()
     merged, warnings = merge(d, {"save_sharded_checkpoint": False, "skip_warmup": True,
-                                 "blockwise_matmul_config": {"block_size": 256},
-                                 "capacity_factor": 48.0}, KIMI)
+                                 "blockwise_matmul_config": {"block_size": 256}}, KIMI)
     assert merged["save_sharded_checkpoint"] is False and merged["skip_warmup"] is True
     # nested kernel settings merge key by key: the kernel choice survives a block-size change
     assert merged["blockwise_matmul_config"] == {**d["blockwise_matmul_config"], "block_size": 256}
-    assert merged["capacity_factor"] == 48.0  # >= experts/top_k: NxD treats it as dropless
     assert warnings == []
     assert {k: v for k, v in merged.items() if k not in ("save_sharded_checkpoint", "skip_warmup",
-                                                        "blockwise_matmul_config", "capacity_factor")} == \
-        {k: v for k, v in d.items() if k not in ("save_sharded_checkpoint", "blockwise_matmul_config",
-                                                 "capacity_factor")}
+                                                        "blockwise_matmul_config")} == \
+        {k: v for k, v in d.items() if k not in ("save_sharded_checkpoint", "blockwise_matmul_config")}
     assert d["save_sharded_checkpoint"] is True  # defaults untouched
 
 
@@ -272,8 +271,6 @@ def test_non_continuous_batching_is_allowed_only_for_one_sequence() -> None:
     ({"world_size": 32}, "world_size=32 but tp_degree*ep_degree is 64"),
     ({"logical_nc_config": 3}, "logical_nc_config=3: a trn2 logical NeuronCore is 1 or 2"),
     ({"logical_nc_config": 1}, "blockwise_matmul_config.logical_nc_config=2 but logical_nc_config is 1"),
-    ({"capacity_factor": 1.0}, "capacity_factor=1.0 drops tokens in prefill"),
-    ({"capacity_factor": 0}, "capacity_factor=0 drops tokens in prefill"),
     ({"quantization_type": "per_tensor_symmetric"}, "the served weights are the neuron-fp8 conversion"),
     ({"quantized": False}, "the served weights are the neuron-fp8 conversion"),
     ({"quantization_dtype": "int8"}, "{'quantization_dtype': 'int8'}"),
@@ -283,7 +280,6 @@ def test_non_continuous_batching_is_allowed_only_for_one_sequence() -> None:
     ({"context_encoding_buckets": [128, 1024]}, "must be increasing positive lengths ending at 4096"),
     ({"token_generation_buckets": [4096, 128]}, "token_generation_buckets=[4096, 128]"),
     ({"glu_mlp": False}, "glu_mlp=false"),
-    ({"router_config": {"act_fn": "softmax"}}, "always routes with sigmoid"),
     ({"disable_normalize_top_k_affinities": False}, "normalising again would undo the scaling"),
     ({"hybrid_sharding_config": {"moe_cte_tp_degree": 64}}, "second copy of every expert weight"),
     ({"is_prefix_caching": True}, "--no-enable-prefix-caching"),

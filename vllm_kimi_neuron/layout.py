@@ -74,6 +74,12 @@ def split_rule(name: str) -> Split:
     return REPLICATED
 
 
+def served_dtype(name: str, stored: str) -> str:
+    """The dtype tensor ``name`` has in HBM: as stored, except the router, which the Neuron model
+    keeps in fp32 (its weight is stored bf16, as in the checkpoint)."""
+    return "fp32" if ".mlp.router." in name else stored
+
+
 def neuron_names(cfg: KimiConfig) -> dict[str, tuple[str, tuple[int, ...]]]:
     """Every tensor of the neuron-fp8 layout: ``name -> (dtype, full shape)``."""
     h, e = cfg.hidden_size, cfg.n_routed_experts

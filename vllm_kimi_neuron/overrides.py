@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import difflib
-import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -108,7 +107,6 @@ NESTED_KINDS: dict[str, dict[str, str]] = {
         "use_shard_on_intermediate_dynamic_while": "bool", "use_shard_on_block_dynamic_while": "bool",
         "num_static_blocks": "int?", "pad_num_blocks_to_even": "bool",
     },
-    "router_config": {"act_fn": "str", "dtype": "str"},
     "on_device_sampling_config": {
         "do_sample": "bool", "top_k": "int", "top_p": "float", "temperature": "float", "dynamic": "bool",
         "deterministic": "bool", "global_topk": "int", "on_device_sampling_config": "bool",
@@ -116,11 +114,16 @@ NESTED_KINDS: dict[str, dict[str, str]] = {
     },
 }
 
-# Keys NxDI accepts that this package sets itself, and what to use instead.
+# Keys NxDI accepts that this package sets itself or that do nothing for this model, and why: given
+# by a user they are refused, never silently ignored.
 MANAGED_KEYS = {
     "quantized_checkpoints_path": "the plugin points it at the neuron-fp8 conversion of the served model; "
                                   "choose another with the variable KIMI_NEURON_CHECKPOINT",
     "logical_neuron_cores": "it is NxDI's deprecated name; use logical_nc_config",
+    "capacity_factor": "it has no effect: NxDI 0.9's MoE builder (initialize_moe_module) never passes it to "
+                       "NxD, whose experts then run without a capacity limit (dropless prefill); leave it out",
+    "router_config": "it has no effect: it configures NxD's RouterTopK, which the Kimi model replaces with its "
+                     "own router (sigmoid scores in float32, selection-only bias); leave it out",
 }
 
 _KIND_WORDS = {"bool": "true or false", "int": "an integer", "float": "a number", "str": "a string",
@@ -130,7 +133,6 @@ _KIND_WORDS = {"bool": "true or false", "int": "an integer", "float": "a number"
 # expert and output channel. The served weights are that conversion, so these are not negotiable.
 FP8_SCHEME = {"quantized": True, "quantization_type": "expert_wise_per_channel_symmetric",
               "quantization_dtype": "f8e4m3"}
-KIMI_ROUTER = {"act_fn": "sigmoid", "dtype": "float32"}
 TORCH_DTYPES = ("bfloat16", "float16", "float32")
 BLOCK_SIZES = (128, 256, 512, 1024)
 FIRST_BUCKET = 128  # NxDI's own autobucketing starts at 128 tokens too
@@ -267,6 +269,11 @@ def kimi_defaults(cfg: KimiConfig, *, tp_degree: int, max_num_seqs: int, max_mod
         # Also for max_num_seqs 1, where vllm-neuron would turn it off and NxDI's other KV path
         # ignores the seq_ids vLLM sends.
         "is_continuous_batching": True,
+        # One contiguous KV row per sequence: the block layout (prefix caching, chunked prefill) makes
+        # NxDI pass a cache to prefill, which KimiAttention takes for decode. vLLM's own switches are
+        # turned off before it builds its config (neuron.hooks.fill_serving_shape).
+        "is_prefix_caching": False,
+        "is_block_kv_layout": False,
         "seq_len": max_model_len,
         "max_context_length": context,
         # Without enable_bucketing NxDI ignores the bucket lists and runs every prompt at full length.
@@ -286,15 +293,12 @@ def kimi_defaults(cfg: KimiConfig, *, tp_degree: int, max_num_seqs: int, max_mod
         # keep layers 10-19's experts out of FP8).
         "modules_to_not_convert": ["self_attn", "shared_experts", "embed_tokens", "lm_head", "norm", "router",
                                    *(f"layers.{i}." for i in range(cfg.first_k_dense_replace))],
-        # Dropless prefill: a capacity factor below experts/top_k silently drops tokens.
-        "capacity_factor": None,
         "glu_mlp": True,
         # SDK 2.29 removed the shard_hidden kernel that NxD picks at LNC 2 unless a dynamic-while kernel
         # is chosen (NotImplementedError "not imported from nkilib"); shard-on-block with PING_PONG is
         # the one GLM-4.7-Flash and MiMo FP8 ran. Its own LNC would otherwise be the platform's.
         "blockwise_matmul_config": {"use_shard_on_block_dynamic_while": True,
                                     "block_sharding_strategy": "PING_PONG", "logical_nc_config": lnc},
-        "router_config": dict(KIMI_ROUTER),
         # Our router returns the final weights (normalised, times routed_scaling_factor).
         "disable_normalize_top_k_affinities": True,
         # Compile writes one weight file per rank, so later starts load without re-sharding 1 TB.
@@ -304,7 +308,7 @@ def kimi_defaults(cfg: KimiConfig, *, tp_degree: int, max_num_seqs: int, max_mod
 
 # Nested configs merged key by key, so {"blockwise_matmul_config": {"block_size": 256}} keeps the
 # kernel choice. (on_device_sampling_config defaults to null: a user dict replaces it whole.)
-_MERGED_BY_KEY = ("blockwise_matmul_config", "router_config")
+_MERGED_BY_KEY = ("blockwise_matmul_config",)
 _BATCH_KEYS = ("batch_size", "tkg_batch_size", "max_batch_size", "kv_cache_batch_size")
 
 
@@ -323,7 +327,7 @@ def merge(defaults: Mapping[str, Any], user: Mapping[str, Any],
     _check_batching(defaults, merged, problems, warnings)
     _check_lengths(defaults, merged, problems, warnings)
     _check_parallelism(defaults, merged, problems)
-    _check_moe(merged, cfg, problems)
+    _check_moe(merged, problems)
     _check_weights(merged, problems)
     _check_sampling(merged, warnings)
     _raise(problems)
@@ -396,21 +400,9 @@ def _check_parallelism(defaults: Mapping[str, Any], m: dict[str, Any], problems:
                         "Kimi-K2 (one contiguous KV row per sequence); serve with --no-enable-prefix-caching")
 
 
-def _check_moe(m: dict[str, Any], cfg: KimiConfig, problems: list[str]) -> None:
-    dropless = cfg.n_routed_experts / cfg.num_experts_per_tok
-    factor = m.get("capacity_factor")
-    if factor is not None and factor < dropless:
-        tokens = 1024
-        room = max(0, math.ceil(tokens * cfg.num_experts_per_tok * factor / cfg.n_routed_experts))
-        problems.append(f"capacity_factor={factor} drops tokens in prefill: each expert takes at most "
-                        f"ceil(T*top_k*capacity_factor/experts) tokens ({room} of a {tokens}-token prompt) "
-                        f"and silently skips the rest; use null (dropless), or a value >= {dropless:g} "
-                        "(experts/top_k), which NxD treats the same")
+def _check_moe(m: dict[str, Any], problems: list[str]) -> None:
     if not m["glu_mlp"]:
         problems.append("glu_mlp=false: Kimi-K2's experts are gated (gate and up projections); leave it out")
-    if m.get("router_config") != KIMI_ROUTER:
-        problems.append(f"router_config={m.get('router_config')}: the Kimi model always routes with sigmoid "
-                        f"scores in float32 ({KIMI_ROUTER}); leave it out")
     if not m["disable_normalize_top_k_affinities"]:
         problems.append("disable_normalize_top_k_affinities=false: the Kimi router already returns "
                         "normalised weights times routed_scaling_factor; normalising again would undo the "

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .config import KimiConfig
-from .layout import EXPERTS, ParallelLayout, neuron_names, split_rule
+from .layout import EXPERTS, ParallelLayout, neuron_names, served_dtype, split_rule
 from .overrides import OverrideError, kimi_defaults, merge, validate_overrides
 
 DEFAULT_MODEL = "moonshotai/Kimi-K2-Instruct-0905"
@@ -170,7 +170,7 @@ def weight_bytes(cfg: KimiConfig, layout: Layout, torch_dtype: str) -> tuple[tup
     for name, (dtype, shape) in neuron_names(cfg).items():
         rule = split_rule(name)
         shard = (experts if rule.expert_parallel else dense).shard_shape(name, shape)
-        nbytes = math.prod(shard) * size[dtype]
+        nbytes = math.prod(shard) * size[served_dtype(name, dtype)]
         totals = groups.setdefault(_group(name), [0, 0])
         totals[0] += nbytes
         if shard == shape:

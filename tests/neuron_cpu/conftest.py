@@ -24,6 +24,13 @@ SKIP_REASON = ("the Neuron-on-CPU stack is not installed in this interpreter (mi
                f"{', '.join(MISSING)}); run `scripts/setup-neuron-cpu-env.sh && "
                ".venv-neuron/bin/python -m pytest tests/neuron_cpu`")
 
+if not MISSING:
+    # Tests that build NxDI configs in this process import NxD, which asks the platform at import.
+    from nxdi_cpu import set_host_env
+
+    set_host_env()
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     if not MISSING:
         return

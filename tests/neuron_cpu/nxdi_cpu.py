@@ -92,15 +92,17 @@ def set_host_env() -> None:
 
 
 def neuron_config(model_dir: Path, converted: Path, layout: Layout, max_num_seqs: int,
-                  max_model_len: int) -> tuple[dict[str, Any], list[str]]:
-    """The planner's neuron_config for ``layout`` with :data:`CPU_CHANGES`, and the plan's patches."""
+                  max_model_len: int, cpu_changes: bool = True) -> tuple[dict[str, Any], list[str]]:
+    """The planner's neuron_config for ``layout`` (with :data:`CPU_CHANGES` to execute it), and the
+    plan's patches."""
     from vllm_kimi_neuron.config import KimiConfig
     from vllm_kimi_neuron.plan import make_plan
 
     plan = make_plan(KimiConfig.from_dir(model_dir), INSTANCE, layout.tp, max_num_seqs, max_model_len,
                      overrides=layout.overrides, model=str(model_dir))
     nc = {**plan.neuron_config, "quantized_checkpoints_path": str(converted)}
-    nc.update({key: value for key, (value, _) in CPU_CHANGES.items()})
+    if cpu_changes:
+        nc.update({key: value for key, (value, _) in CPU_CHANGES.items()})
     return nc, plan.patches
 
 
@@ -240,25 +242,41 @@ class Loaded:
     missing: dict[str, list[str]]  # per submodel: module state the shard file does not hold
 
 
+def _device_module(wrapper: Any) -> Any:
+    """A submodel as NxD's ModelBuilder.trace builds it: NxDI's ``DecoderModelInstance.load_module()``
+    (dtype casting, quantized expert layers) in AOT mode, which skips initialising weights on the
+    host (a shard replaces them), as CPU code would do per rank."""
+    from neuronx_distributed.parallel_layers import parallel_state
+
+    instance = wrapper.get_model_instance()
+    parallel_state.set_aot_mode(True)
+    try:
+        instance.load_module()
+    finally:
+        parallel_state.set_aot_mode(False)
+    return instance.module
+
+
+def device_dtypes(app: Any) -> dict[str, dict[str, str]]:
+    """Per submodel, the dtype of every parameter and buffer after the device path built it."""
+    out = {}
+    for wrapper in app.models:
+        module = _device_module(wrapper)
+        out[wrapper.tag] = {name: str(t.dtype).removeprefix("torch.")
+                            for name, t in [*module.named_parameters(), *module.named_buffers()]}
+    return out
+
+
 def load_rank(app: Any, compiled: Path, rank: int) -> Loaded:
     """Every submodel built by NxDI's ``DecoderModelInstance.load_module()`` and loaded with this
     rank's shard as NxD wrote it."""
-    from neuronx_distributed.parallel_layers import parallel_state
     from safetensors.torch import load_file
 
     os.environ["NXD_CPU_MODE"] = "1"
     shard = load_file(str(compiled / "weights" / f"tp{rank}_sharded_checkpoint.safetensors"))
     missing: dict[str, list[str]] = {}
     for wrapper in app.models:
-        instance = wrapper.get_model_instance()
-        # As NxD's ModelBuilder.trace builds it: AOT mode skips initialising weights on the host
-        # (the shard replaces them), which CPU code would do per rank.
-        parallel_state.set_aot_mode(True)
-        try:
-            instance.load_module()
-        finally:
-            parallel_state.set_aot_mode(False)
-        module = instance.module
+        module = _device_module(wrapper)
         result = module.load_state_dict(shard, strict=False)
         if result.unexpected_keys:
             raise AssertionError(f"{wrapper.tag}: the shard holds tensors the module lacks: "

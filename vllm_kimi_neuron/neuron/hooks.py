@@ -118,6 +118,7 @@ def prepare_kimi(model_config: Any, parallel_config: Any, scheduler_config: Any,
     from ..convert import ensure_converted
     from ..overrides import validate_additional_config
     from ..plan import make_plan
+    from .modeling import stored_neuron_config
 
     with startup.phase("resolving"):
         model_dir = resolve_model(model_config.model, getattr(model_config, "revision", None))
@@ -134,7 +135,8 @@ def prepare_kimi(model_config: Any, parallel_config: Any, scheduler_config: Any,
     install_plan_patches(plan.patches)
     user_dir = os.environ.get("NEURON_COMPILED_ARTIFACTS")
     decision = artifacts.choose(artifacts_root(), revision_of(converted), neuron_config,
-                                artifacts.package_versions(), Path(user_dir) if user_dir else None)
+                                artifacts.package_versions(), Path(user_dir) if user_dir else None,
+                                as_stored=stored_neuron_config(model_dir, neuron_config))
     os.environ["NEURON_COMPILED_ARTIFACTS"] = str(decision.directory)
     logger.info("vllm-kimi-neuron: %s", decision.note)
     return {**additional_config, "override_neuron_config": neuron_config}

@@ -15,9 +15,10 @@ What this fixes relative to earlier DeepSeek-V3/Kimi ports (design.md §3):
 * RoPE: cos/sin are computed from each sequence's own ``position_ids`` ``[B, T]``, so a decode
   batch with sequences at different positions rotates each correctly; YaRN takes
   ``original_max_position_embeddings``, ``beta_fast``/``beta_slow`` and the mscales from config.json.
-* Prefill is dropless: the planner sets ``capacity_factor=None`` and a blockwise kernel
-  configuration (``use_shard_on_block_dynamic_while`` with ``PING_PONG``), and this model never
-  passes a capacity factor of its own.
+* Prefill is dropless: NxDI's ``initialize_moe_module`` builds NxD's experts without a capacity
+  factor (NxD's default: no capacity limit), whatever ``capacity_factor`` says, so the planner sets
+  none and refuses one; the blockwise kernel configuration (``use_shard_on_block_dynamic_while``
+  with ``PING_PONG``) is the planner's.
 * Weights load as converted (``kimi-neuron convert --format neuron-fp8``): names, dtypes and the
   expert-wise per-channel FP8 scales are already what NxD's quantized expert layers hold, so the
   loader only reads tensors (memory-mapped) and NxD slices them per rank. No FP8 re-quantisation
@@ -47,10 +48,11 @@ from neuronx_distributed.parallel_layers.parallel_state import (
 from neuronx_distributed_inference.models.config import InferenceConfig, MoENeuronConfig
 from neuronx_distributed_inference.models.model_base import NeuronBaseForCausalLM, NeuronBaseModel
 from neuronx_distributed_inference.modules.moe_v2 import initialize_moe_module
+from neuronx_distributed_inference.utils.hf_adapter import load_pretrained_config
 from safetensors import safe_open
 from torch import nn
 
-from .. import startup
+from .. import artifacts, startup
 from ..checkpoint import CheckpointError, CheckpointIndex
 from ..config import KimiConfig
 from ..model import rope
@@ -105,8 +107,6 @@ class KimiK2InferenceConfig(InferenceConfig):
         if not hasattr(self, "dense_intermediate_size"):
             self.dense_intermediate_size = self.intermediate_size
         self.intermediate_size = self.moe_intermediate_size
-        self.neuron_config.router_config.dtype = torch.float32
-        self.neuron_config.router_config.act_fn = "sigmoid"
         # Our router returns final weights (normalised and scaled); NxD must not normalise again.
         self.neuron_config.normalize_top_k_affinities = False
         self.head_dim = self.kv_lora_rank + self.qk_rope_head_dim
@@ -168,7 +168,10 @@ class KimiAttention(nn.Module):
         self.o_proj = RowParallelLinear(heads * cfg.v_head_dim, cfg.hidden_size, bias=False,
                                         input_is_parallel=True, dtype=dtype,
                                         reduce_dtype=config.neuron_config.rpl_reduce_dtype)
-        self.register_buffer("inv_freq", rope.inverse_frequencies(cfg), persistent=False)
+        # No inv_freq buffer: NxDI casts every floating buffer to the model dtype on the device, and
+        # bf16 frequencies would rotate far positions wrongly. Computed from the config in forward
+        # (a trace makes it an fp32 constant), as NxDI's own RotaryEmbedding does.
+        self.rope_config = cfg
         self.rope_scale = rope.cos_sin_scale(cfg)
         self.softmax_scale = rope.softmax_scale(cfg)
 
@@ -185,7 +188,8 @@ class KimiAttention(nn.Module):
         past_key_value: tuple[torch.Tensor, torch.Tensor] | None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         w = self._weights()
-        cos, sin = rope.cos_sin(position_ids, self.inv_freq, self.rope_scale)  # per sequence [B, T, 32]
+        inv_freq = rope.inverse_frequencies(self.rope_config).to(hidden_states.device)
+        cos, sin = rope.cos_sin(position_ids, inv_freq, self.rope_scale)  # per sequence [B, T, 32], fp32
         q_nope, q_pe = queries(hidden_states, w, self.dims, cos, sin)
         active = latents(hidden_states, w, self.dims, cos, sin)  # [B, T, 576]
         mask = attention_mask.squeeze(1).bool()  # [B, T, S]
@@ -214,6 +218,19 @@ class KimiRouter(RouterTopK):
         # fp32 like the checkpoint; a non-zero start so a trace can never fold it into a constant.
         self.selection_bias = nn.Parameter(torch.arange(cfg.n_routed_experts, dtype=torch.float32) * 1e-6,
                                            requires_grad=False)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> KimiRouter:
+        """Module-wide casts (NxDI's ``load_module`` casts every floating tensor whose name does not end
+        in "scale" to the model dtype) leave the router in float32: its weight, so the router logits
+        are computed in fp32 (NxD casts the hidden states to the weight's dtype), and the selection
+        bias, whose small differences decide the expert choice. Device moves still apply; the values
+        are loaded afterwards, cast by NxD to these float32 parameters."""
+
+        def keep_float32(t: torch.Tensor) -> torch.Tensor:
+            out = fn(t)
+            return out.float() if t.dtype == torch.float32 and out.is_floating_point() else out
+
+        return super()._apply(keep_float32, recurse)
 
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         logits = self.get_router_logits(hidden_states)  # [T, E]
@@ -322,9 +339,13 @@ class NeuronKimiK2ForCausalLM(NeuronBaseForCausalLM):
 
     def compile(self, compiled_model_path: str, *args: Any, **kwargs: Any) -> Any:
         """NxDI's compile as the start's "compiling" phase. neuronx-cc gives nothing to count, so the
-        phase is kept alive while it uses CPU, and a compile hung without it is reported as stalled."""
+        phase is kept alive while it uses CPU, and a compile hung without it is reported as stalled.
+        Only when NxDI's compile has returned (traced, compiled and sharded) is the directory marked
+        finished: NxDI writes model.pt before sharding the weights."""
         with startup.phase("compiling") as p, p.while_busy():
-            return super().compile(compiled_model_path, *args, **kwargs)
+            result = super().compile(compiled_model_path, *args, **kwargs)
+        artifacts.mark_complete(Path(compiled_model_path))
+        return result
 
     def load(self, compiled_model_path: str, *args: Any, **kwargs: Any) -> Any:
         """NxDI's load (weights onto the cores, then its warm-up) as the "loading weights" phase."""
@@ -356,6 +377,15 @@ class NeuronKimiK2ForCausalLM(NeuronBaseForCausalLM):
     def convert_hf_to_neuron_state_dict(state_dict: dict[str, torch.Tensor],
                                         config: InferenceConfig) -> dict[str, torch.Tensor]:
         return state_dict  # already in NxD's layout; see checkpoint_loader_fn
+
+
+def stored_neuron_config(model_dir: str | Path, neuron_config: dict[str, Any]) -> dict[str, Any]:
+    """The ``neuron_config`` section NxDI's compile writes to ``neuron_config.json`` for this request:
+    built by NxDI's own classes and serialisation (which rename keys and store objects by their
+    ``__dict__``), so a stored config can be compared with a request like with like."""
+    config = KimiK2InferenceConfig(MoENeuronConfig(**neuron_config),
+                                   load_config=load_pretrained_config(str(model_dir)))
+    return json.loads(config.to_json_string())["neuron_config"]
 
 
 def load_neuron_fp8(path: Path) -> dict[str, torch.Tensor]:
