@@ -49,3 +49,19 @@ def test_greedy_may_diverge_only_at_a_near_tie() -> None:
                                "choice was not a near-tie"]
     stopped = Report(rows, [Greedy(0, [1, 2, 3], [1], [False] * 3)], Thresholds())
     assert len(stopped.failures()) == 1
+
+
+def test_a_flip_is_exempt_only_when_both_tokens_agree_within_the_tie_gap() -> None:
+    t = Thresholds()
+    within = Row(0, 1, 7, -1.0, -1.18, golden_top1=7, served_top1=9, gap=0.21, router_margin=0.06,
+                 flip_error=0.18)
+    beyond = Row(0, 2, 7, -1.0, -1.3, golden_top1=7, served_top1=9, gap=0.21, router_margin=0.06,
+                 flip_error=0.3)
+    unknown = Row(0, 3, 7, -1.0, -1.1, golden_top1=7, served_top1=9, gap=0.21, router_margin=0.06)
+    assert [r.tie(t) for r in (within, beyond, unknown)] == ["tolerance", None, None]
+    report = Report([_row(1, 1, 3.0), within], [], t)
+    assert report.failures() == []
+    assert "1 flips between two tokens whose logprobs both agree" in report.summary()
+    assert "tolerance-tie flip (near-tie)" in report.table()
+    assert Report([_row(1, 1, 3.0), beyond, unknown], [], t).failures()[0] == (
+        "top-1 match on decisive positions 33.3% < 100.0%")

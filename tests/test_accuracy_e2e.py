@@ -59,7 +59,7 @@ def test_served_tiny_model_matches_the_golden_file(server: Server, golden_file: 
     assert "MISMATCH" not in r.stdout
     decisive = r.stdout.split("decisive positions: ", 1)[1].split(" ", 1)[0]
     matched, total = map(int, decisive.split("/"))
-    assert matched == total > 0.75 * len(rows)  # 100% where it counts, and that is most positions
+    assert matched == total >= 0.75 * len(rows)  # 100% where it counts, and that is most positions
     assert "greedy continuations matching up to their first near-tie: 3/3" in r.stdout
     assert r.stdout.rstrip().endswith("PASS")
 
