@@ -13,6 +13,7 @@ import pytest
 from vllm_kimi_neuron import patches
 from vllm_kimi_neuron.neuron import hooks
 from vllm_kimi_neuron.patches import Patch, PatchError, install
+from vllm_kimi_neuron.plan import PlanError
 
 
 @pytest.fixture()
@@ -116,23 +117,33 @@ def test_serve_shape_fills_only_the_flags_left_out_on_vllms_own_engine_args(tmp_
     kimi = _model_dir(tmp_path / "kimi", KimiConfig().to_dict())
 
     bare = EngineArgs(model=str(kimi), tensor_parallel_size=64)
-    line = hooks.fill_serving_shape(bare, instance="trn2.48xlarge")
+    lines = hooks.fit_engine_args(bare, instance="trn2.48xlarge")
     chosen = default_shape(KimiConfig(), "trn2.48xlarge", 64, None, None)
     assert (bare.max_num_seqs, bare.max_model_len) == chosen
-    assert line is not None and f"--max-num-seqs 8 --max-model-len {bare.max_model_len} chosen" in line
+    assert f"--max-num-seqs 8 --max-model-len {bare.max_model_len} chosen" in lines[-1]
+    # vLLM V1's default would turn prefix caching on, which vllm-neuron turns into NxDI's block KV layout
+    assert (bare.enable_prefix_caching, bare.enable_chunked_prefill) == (False, False)
+    assert "--no-enable-prefix-caching --no-enable-chunked-prefill" in lines[0]
 
     length_only = EngineArgs(model=str(kimi), tensor_parallel_size=64, max_model_len=8192)
-    line = hooks.fill_serving_shape(length_only, instance="trn2.48xlarge")
-    assert length_only.max_model_len == 8192 and line is not None and "--max-model-len" not in line
+    lines = hooks.fit_engine_args(length_only, instance="trn2.48xlarge")
+    assert length_only.max_model_len == 8192 and "--max-model-len" not in lines[-1]
 
-    given = EngineArgs(model=str(kimi), tensor_parallel_size=64, max_num_seqs=16, max_model_len=1024)
-    assert hooks.fill_serving_shape(given, instance="trn2.48xlarge") is None
+    given = EngineArgs(model=str(kimi), tensor_parallel_size=64, max_num_seqs=16, max_model_len=1024,
+                       enable_prefix_caching=False, enable_chunked_prefill=False)
+    assert hooks.fit_engine_args(given, instance="trn2.48xlarge") == []
     assert (given.max_num_seqs, given.max_model_len) == (16, 1024)
+
+    for flag in ("enable_prefix_caching", "enable_chunked_prefill"):
+        asked = EngineArgs(model=str(kimi), tensor_parallel_size=64, **{flag: True})
+        refused = f"--{flag.replace('_', '-')}: not supported for Kimi-K2 on Neuron"
+        with pytest.raises(PlanError, match=refused):
+            hooks.fit_engine_args(asked, instance="trn2.48xlarge")
 
     llama = _model_dir(tmp_path / "llama", {"architectures": ["LlamaForCausalLM"], "model_type": "llama"})
     other = EngineArgs(model=str(llama), tensor_parallel_size=64)
-    assert hooks.fill_serving_shape(other, instance="trn2.48xlarge") is None
-    assert other.max_num_seqs is None
+    assert hooks.fit_engine_args(other, instance="trn2.48xlarge") == []
+    assert other.max_num_seqs is None and other.enable_prefix_caching is None
 
 
 def test_serve_shape_hook_runs_before_vllm_builds_its_config(tmp_path: Path) -> None:

@@ -92,7 +92,8 @@ def stored_neuron_config(directory: Path) -> dict[str, Any]:
 
 def mark_complete(directory: Path) -> None:
     """Record that NxDI's compile into ``directory`` finished (call after it returns)."""
-    (directory / COMPLETE_FILE).write_text(json.dumps({"completed": time.strftime("%Y-%m-%dT%H:%M:%S%z")}) + "\n")
+    stamp = {"completed": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    (directory / COMPLETE_FILE).write_text(json.dumps(stamp) + "\n")
 
 
 def is_complete(directory: Path) -> bool:
@@ -134,10 +135,11 @@ def choose(root: Path, model_revision: str, neuron_config: dict[str, Any],
                             " (NEURON_COMPILED_ARTIFACTS)")
         if user_dir.exists() and any(user_dir.iterdir()):
             raise StaleArtifactsError(
-                f"NEURON_COMPILED_ARTIFACTS={user_dir} holds files but no finished compile by vllm-kimi-neuron "
-                f"(no {COMPLETE_FILE}): an interrupted compile (NxDI writes {MODEL_FILE} before it shards the "
-                "weights) or one made by another tool, which vllm-neuron would load as it is. Move it away "
-                "or point NEURON_COMPILED_ARTIFACTS at an empty directory; nothing was deleted"
+                f"NEURON_COMPILED_ARTIFACTS={user_dir} holds files but no finished compile by "
+                f"vllm-kimi-neuron (no {COMPLETE_FILE}): an interrupted compile (NxDI writes {MODEL_FILE} "
+                "before it shards the weights) or one made by another tool, which vllm-neuron would load as "
+                "it is. Move it away or point NEURON_COMPILED_ARTIFACTS at an empty directory; nothing was "
+                "deleted"
             )
         return Decision(user_dir, "compile", f"compiling into {user_dir} (NEURON_COMPILED_ARTIFACTS)")
     key = artifact_key(model_revision, neuron_config, versions)

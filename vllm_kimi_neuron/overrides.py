@@ -120,10 +120,11 @@ MANAGED_KEYS = {
     "quantized_checkpoints_path": "the plugin points it at the neuron-fp8 conversion of the served model; "
                                   "choose another with the variable KIMI_NEURON_CHECKPOINT",
     "logical_neuron_cores": "it is NxDI's deprecated name; use logical_nc_config",
-    "capacity_factor": "it has no effect: NxDI 0.9's MoE builder (initialize_moe_module) never passes it to "
-                       "NxD, whose experts then run without a capacity limit (dropless prefill); leave it out",
-    "router_config": "it has no effect: it configures NxD's RouterTopK, which the Kimi model replaces with its "
-                     "own router (sigmoid scores in float32, selection-only bias); leave it out",
+    "capacity_factor": "it has no effect: NxDI 0.9's MoE builder (initialize_moe_module) never passes it "
+                       "to NxD, whose experts then run without a capacity limit (dropless prefill); leave it "
+                       "out",
+    "router_config": "it has no effect: it configures NxD's RouterTopK, which the Kimi model replaces with "
+                     "its own router (sigmoid scores in float32, selection-only bias); leave it out",
 }
 
 _KIND_WORDS = {"bool": "true or false", "int": "an integer", "float": "a number", "str": "a string",
@@ -271,7 +272,7 @@ def kimi_defaults(cfg: KimiConfig, *, tp_degree: int, max_num_seqs: int, max_mod
         "is_continuous_batching": True,
         # One contiguous KV row per sequence: the block layout (prefix caching, chunked prefill) makes
         # NxDI pass a cache to prefill, which KimiAttention takes for decode. vLLM's own switches are
-        # turned off before it builds its config (neuron.hooks.fill_serving_shape).
+        # turned off before it builds its config (neuron.hooks.fit_engine_args).
         "is_prefix_caching": False,
         "is_block_kv_layout": False,
         "seq_len": max_model_len,

@@ -27,6 +27,8 @@ from .overrides import OverrideError, kimi_defaults, merge, validate_overrides
 
 DEFAULT_MODEL = "moonshotai/Kimi-K2-Instruct-0905"
 GIB = 1024**3
+# Compile plus first load of Kimi-K2 takes tens of minutes; vLLM's API server gives up after 600 s.
+ENGINE_READY_TIMEOUT_S = "14400"
 
 
 class PlanError(ValueError):
@@ -243,8 +245,6 @@ class Plan:
         return {"override_neuron_config": self.neuron_config}
 
     def env(self) -> dict[str, str]:
-        from .neuron.hooks import ENGINE_READY_TIMEOUT_S
-
         # The plugin sets it too; explicit here so the command works as printed. No
         # NEURON_LOGICAL_NC_CONFIG: NxDI lets it override logical_nc_config, so it is left unset.
         return {"VLLM_ENGINE_READY_TIMEOUT_S": ENGINE_READY_TIMEOUT_S}

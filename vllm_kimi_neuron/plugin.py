@@ -63,6 +63,9 @@ def _install_neuron_hooks() -> str:
     from .patches import install
 
     install(hooks.PATCHES)
+    # The API server builds vLLM's ModelConfig before any Neuron code runs: transformers 4.57 (what
+    # vllm-neuron runs on) does not know model_type kimi_k2, and the bare command has no remote code.
+    hooks.register_kimi_hf_config()
     raised = hooks.raise_engine_ready_timeout()
     timeout = (f"VLLM_ENGINE_READY_TIMEOUT_S raised to {raised} s" if raised
                else "VLLM_ENGINE_READY_TIMEOUT_S left as you set it")

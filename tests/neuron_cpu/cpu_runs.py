@@ -18,11 +18,11 @@ def host_env() -> dict[str, str]:
     return env
 
 
-def run(args: list[str], log: Path, timeout: float = 600) -> None:
+def run(args: list[str], log: Path, timeout: float = 600, extra_env: dict[str, str] | None = None) -> None:
     """A subprocess with its output kept in ``log``; a failure shows the log's tail."""
     with log.open("wb") as f:
-        proc = subprocess.run(args, stdout=f, stderr=subprocess.STDOUT, env=host_env(), timeout=timeout,
-                              check=False)
+        proc = subprocess.run(args, stdout=f, stderr=subprocess.STDOUT,
+                              env={**host_env(), **(extra_env or {})}, timeout=timeout, check=False)
     if proc.returncode:
         lines = [ln for ln in log.read_text(errors="replace").splitlines() if "warn" not in ln.lower()]
         tail = "\n".join(lines[-40:])

@@ -24,13 +24,12 @@ from types import ModuleType
 from typing import Any
 
 from ..patches import Patch
+from ..plan import ENGINE_READY_TIMEOUT_S, PlanError
 
 logger = logging.getLogger("vllm.kimi_neuron")
 
 LOADER = "vllm_neuron.worker.neuronx_distributed_model_loader"
 RUNNER = "vllm_neuron.worker.neuronx_distributed_model_runner"
-# Compile plus first load of Kimi-K2 takes tens of minutes; vLLM's default is 600 s.
-ENGINE_READY_TIMEOUT_S = "14400"
 # vllm-neuron builds the NxDI class key from the HF architecture: "DeepseekV3ForCausalLM" ->
 # MODEL_TYPES["deepseekv3"]["causal-lm"]. The other two keys cover lookups by model_type.
 MODEL_TYPE_KEYS = ("deepseekv3", "deepseek_v3", "kimi_k2")
@@ -142,39 +141,83 @@ def prepare_kimi(model_config: Any, parallel_config: Any, scheduler_config: Any,
     return {**additional_config, "override_neuron_config": neuron_config}
 
 
-def _hf_config(model: str, revision: str | None) -> dict[str, Any] | None:
-    """``model``'s config.json: from the directory, else the Hugging Face cache or hub (vLLM fetches
-    the same small file next); None when it cannot be had, so vLLM reports that in its own words."""
+def _hf_json(model: str, revision: str | None, filename: str) -> dict[str, Any] | None:
+    """``filename`` (config.json, tokenizer_config.json) of ``model``: from the directory, else the
+    Hugging Face cache or hub (vLLM fetches the same small files next); None when it cannot be had,
+    so vLLM reports that in its own words."""
     import json
 
-    path = Path(model).expanduser()
-    if not path.is_dir():
+    path = Path(model).expanduser() / filename
+    if not path.parent.is_dir():
         try:
             from huggingface_hub import hf_hub_download
 
-            path = Path(hf_hub_download(model, "config.json", revision=revision)).parent
-        except Exception:  # any failure here (offline, no such repo) is vLLM's to report
+            path = Path(hf_hub_download(model, filename, revision=revision))
+        except Exception:  # any failure here (offline, no such repo or file) is vLLM's to report
             return None
     try:
-        return json.loads((path / "config.json").read_text())
+        return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
 
 
-def fill_serving_shape(engine_args: Any, instance: str | None = None) -> str | None:
-    """Give a Kimi-K2/DeepSeek-V3 serve the ``--max-num-seqs`` / ``--max-model-len`` the planner
-    chooses when the user left them out (vLLM's defaults, 262144 tokens and 128+ sequences, never
-    fit in HBM), so that ``vllm serve MODEL --tensor-parallel-size N`` starts. Returns the log line,
-    or None when there was nothing to do (both given, or not a model this package serves)."""
+def _check_tokenizer(engine_args: Any) -> None:
+    """Kimi-K2's tokenizer is remote code (``tokenization_kimi.py`` over tiktoken): without
+    ``--trust-remote-code`` vLLM fails late and obscurely; say so first, and never turn it on."""
+    if engine_args.trust_remote_code or getattr(engine_args, "skip_tokenizer_init", False):
+        return
+    tokenizer = getattr(engine_args, "tokenizer", None) or engine_args.model
+    auto_map = (_hf_json(tokenizer, getattr(engine_args, "tokenizer_revision", None),
+                         "tokenizer_config.json") or {}).get("auto_map") or {}
+    remote = auto_map.get("AutoTokenizer")
+    if remote:
+        name = remote[0] if isinstance(remote, list) else remote
+        raise PlanError(f"{tokenizer}: its tokenizer is remote code ({name}, shipped in the checkpoint); "
+                        "pass --trust-remote-code to run it (vllm-kimi-neuron never turns it on for you), "
+                        "or --skip-tokenizer-init to serve token ids only")
+
+
+# vLLM switches that give NxDI's block KV layout, which Kimi-K2's NxDI model does not support (one
+# contiguous KV row per sequence; with the block layout NxDI's prefill passes a cache, which
+# KimiAttention would take for decode). vLLM V1 turns prefix caching on by default.
+BLOCK_KV_SWITCHES = (("enable_prefix_caching", "--enable-prefix-caching", "--no-enable-prefix-caching"),
+                     ("enable_chunked_prefill", "--enable-chunked-prefill", "--no-enable-chunked-prefill"))
+
+
+def fit_engine_args(engine_args: Any, instance: str | None = None) -> list[str]:
+    """Make a Kimi-K2/DeepSeek-V3 serve startable before vLLM builds its config, so that
+    ``vllm serve MODEL --tensor-parallel-size N`` needs nothing else; returns the log lines.
+
+    * prefix caching and chunked prefill are turned off unless the user asked for them, and a user
+      who did is refused with the reason (vllm-neuron would build NxDI's block KV layout from them);
+    * ``--max-num-seqs`` / ``--max-model-len`` left out get the shape the planner chooses (vLLM's
+      defaults, 262144 tokens and 128+ sequences, never fit in HBM); flags given are kept.
+
+    Models this package does not serve are left alone."""
     from ..config import ARCHITECTURE, KimiConfig
     from ..overrides import validate_additional_config
     from ..plan import default_shape
 
-    if engine_args.max_num_seqs is not None and engine_args.max_model_len is not None:
-        return None
-    raw = _hf_config(engine_args.model, getattr(engine_args, "revision", None))
+    raw = _hf_json(engine_args.model, getattr(engine_args, "revision", None), "config.json")
     if raw is None or ARCHITECTURE not in (raw.get("architectures") or []):
-        return None
+        return []
+    _check_tokenizer(engine_args)
+    lines = []
+    turned_off = []
+    for attr, on, off in BLOCK_KV_SWITCHES:
+        value = getattr(engine_args, attr)
+        if value:
+            raise PlanError(f"{on}: not supported for Kimi-K2 on Neuron: vllm-neuron would build NxDI's "
+                            "block KV-cache layout, and this model keeps one contiguous KV row per sequence; "
+                            f"leave the flag out (or pass {off})")
+        if value is None:
+            setattr(engine_args, attr, False)
+            turned_off.append(off)
+    if turned_off:
+        lines.append(f"vllm-kimi-neuron: {' '.join(turned_off)} (Kimi-K2 on Neuron keeps one contiguous KV "
+                     "row per sequence; vLLM's default would give NxDI's block KV layout)")
+    if engine_args.max_num_seqs is not None and engine_args.max_model_len is not None:
+        return lines
     cfg = KimiConfig.from_dict(raw, source=f"{engine_args.model}/config.json")
     user = validate_additional_config(engine_args.additional_config or {})
     given = {"--max-num-seqs": engine_args.max_num_seqs, "--max-model-len": engine_args.max_model_len}
@@ -184,8 +227,10 @@ def fill_serving_shape(engine_args: Any, instance: str | None = None) -> str | N
     engine_args.max_num_seqs, engine_args.max_model_len = seqs, length
     chosen = " ".join(f"{flag} {value}" for flag, value in
                       (("--max-num-seqs", seqs), ("--max-model-len", length)) if given[flag] is None)
-    return (f"vllm-kimi-neuron: {chosen} chosen by the planner (the longest context that fits in HBM at "
-            f"--tensor-parallel-size {engine_args.tensor_parallel_size}); pass the flags to choose yourself")
+    lines.append(f"vllm-kimi-neuron: {chosen} chosen by the planner (the longest context that fits in HBM "
+                 f"at --tensor-parallel-size {engine_args.tensor_parallel_size}); pass the flags to choose "
+                 "yourself")
+    return lines
 
 
 def _check_engine_args(module: ModuleType) -> str | None:
@@ -197,7 +242,8 @@ def _check_engine_args(module: ModuleType) -> str | None:
     if not callable(getattr(cls, "create_engine_config", None)):
         return "EngineArgs has no create_engine_config"
     missing = {"model", "revision", "tensor_parallel_size", "max_num_seqs", "max_model_len",
-               "additional_config"} - {f.name for f in dataclasses.fields(cls)}
+               "additional_config", *(attr for attr, _, _ in BLOCK_KV_SWITCHES)} - {
+        f.name for f in dataclasses.fields(cls)}
     return f"EngineArgs has no field(s) {sorted(missing)}" if missing else None
 
 
@@ -206,16 +252,22 @@ def _wrap_create_engine_config(module: ModuleType) -> None:
 
     @functools.wraps(original)
     def create_engine_config(self: Any, *args: Any, **kwargs: Any) -> Any:
-        line = fill_serving_shape(self)
-        if line:
+        for line in fit_engine_args(self):
             logger.info(line)
         return original(self, *args, **kwargs)
 
     module.EngineArgs.create_engine_config = create_engine_config
 
 
+INSTANCE_ENV = "KIMI_NEURON_INSTANCE"
+
+
 def detect_instance() -> str:
-    """The EC2 instance type from the Neuron device count (16 devices: trn2.48xlarge)."""
+    """The EC2 instance type from the Neuron device count (16 devices: trn2.48xlarge), or
+    ``KIMI_NEURON_INSTANCE`` where the devices cannot be counted (a container without them, a
+    build host preparing a deployment, the Neuron-on-CPU tests)."""
+    if os.environ.get(INSTANCE_ENV):
+        return os.environ[INSTANCE_ENV]
     devices = sorted(Path("/dev").glob("neuron[0-9]*"))
     known = {16: "trn2.48xlarge", 1: "trn2.3xlarge"}
     return known.get(len(devices), f"unknown ({len(devices)} Neuron devices)")
@@ -278,8 +330,9 @@ SERVE_SHAPE = Patch(
     distribution="vllm",
     versions=">=0.16,<0.33",
     module="vllm.engine.arg_utils",
-    why="`vllm serve MODEL --tensor-parallel-size N` without --max-num-seqs/--max-model-len gets a "
-        "shape that fits in HBM (vLLM's defaults do not); flags the user gives are kept",
+    why="`vllm serve MODEL --tensor-parallel-size N` starts: prefix caching and chunked prefill off "
+        "(refused if asked for), and without --max-num-seqs/--max-model-len a shape that fits in HBM "
+        "(vLLM's defaults do not); flags the user gives are kept",
     check=_check_engine_args,
     apply=_wrap_create_engine_config,
     diff=None,
