@@ -72,3 +72,19 @@ def test_restart_reuses_what_nxdi_stored_and_refuses_a_change(tiny: dict[str, Pa
     assert choose(nc, user).action == "reuse"
     with pytest.raises(artifacts.StaleArtifactsError, match="batch_size: stored 2, requested 4"):
         choose({**nc, "batch_size": 4, "tkg_batch_size": 4, "max_batch_size": 4}, user)
+
+
+@pytest.mark.parametrize("length", [2048, 32768])
+def test_compiler_flags_are_nxdis_own_per_submodel(tiny: dict[str, Path], length: int) -> None:
+    """NxDI picks neuronx-cc flags per submodel (and adds long-context ones from 32K tokens) only when
+    the model supplies none; the Kimi model must get them."""
+    from nxdi_cpu import build_application
+
+    nc, _ = neuron_config(tiny["fp8"], tiny["converted"], LAYOUTS["tp2"], MAX_NUM_SEQS, length,
+                          cpu_changes=False)
+    app = build_application(tiny["fp8"], nc)
+    cte, tkg = app.context_encoding_model.compiler_args, app.token_generation_model.compiler_args
+    assert " -O1 " in cte and "--modular-flow-mac-threshold=10" in cte and " -O2 " in tkg, (cte, tkg)
+    assert "--experimental-unsafe-fp8e4m3fn-as-fp8e4m3" in cte and "--auto-cast=none" in tkg
+    long_context = "--internal-disable-fma-on-ios" in cte and "--hbm-scratchpad-page-size=1024" in cte
+    assert long_context == (length >= 32768), cte

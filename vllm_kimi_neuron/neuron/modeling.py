@@ -65,17 +65,6 @@ logger = logging.getLogger("vllm.kimi_neuron")
 # The tensor that marks a directory as a complete `kimi-neuron convert` output (written last).
 CONVERSION_MANIFEST = "kimi_neuron_manifest.json"
 
-# neuronx-cc flags. `--enable-mixed-precision-accumulation`: fp32 accumulation in bf16 matmuls (the
-# MoE sums 8 experts plus the shared expert). `--auto-cast=none`: keep the dtypes we chose (fp32
-# router, bf16 attention). NxDI's ModelWrapper appends `--experimental-unsafe-fp8e4m3fn-as-fp8e4m3`
-# by itself when quantization_dtype is f8e4m3; the converter keeps every FP8 value within +-240 so
-# that reinterpretation is exact (see fp8.NEURON_FP8_MAX).
-COMPILER_ARGS = (
-    "--enable-saturate-infinity --enable-mixed-precision-accumulation --model-type transformer -O1 "
-    "--tensorizer-options='--enable-ccop-compute-overlap --cc-pipeline-tiling-factor=2' "
-    "--tensorizer-options='--vectorize-strided-dma' --auto-cast=none"
-)
-
 
 def kimi_config(config: InferenceConfig) -> KimiConfig:
     """Our model arguments from the attributes NxDI copied out of config.json (the weights' FP8
@@ -328,14 +317,15 @@ class NeuronKimiK2Model(NeuronBaseModel):
 class NeuronKimiK2ForCausalLM(NeuronBaseForCausalLM):
     """What vllm-neuron finds under ``MODEL_TYPES["deepseekv3"]["causal-lm"]``."""
 
+    # No get_compiler_args: NxDI's per-submodel neuronx-cc defaults apply (-O1 and the modular-flow
+    # threshold for context encoding, -O2 for token generation, its long-context flags and scratchpad
+    # page size from 32K tokens, the FP8 reinterpretation flag). Nothing was measured that would
+    # justify other flags.
     _model_cls = NeuronKimiK2Model
 
     @classmethod
     def get_config_cls(cls) -> type[KimiK2InferenceConfig]:
         return KimiK2InferenceConfig
-
-    def get_compiler_args(self) -> str:
-        return f"{COMPILER_ARGS} --lnc={self.config.neuron_config.logical_nc_config}"
 
     def compile(self, compiled_model_path: str, *args: Any, **kwargs: Any) -> Any:
         """NxDI's compile as the start's "compiling" phase. neuronx-cc gives nothing to count, so the
