@@ -139,19 +139,11 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return 1 if report.problems else 0
 
 
-def _layout(args: argparse.Namespace):  # noqa: ANN202 -- imported lazily
-    from .layout import ParallelLayout
-
-    return ParallelLayout(tp=args.tp, moe_ep=args.moe_ep, lnc=args.lnc)
-
-
 def cmd_convert(args: argparse.Namespace) -> int:
     from .convert import convert
 
-    layout = _layout(args) if args.tp is not None else None
-    convert(args.model, args.out, args.format, layout=layout, workers=args.workers)
-    where = "" if layout is None else f", pre-sharded for tp={layout.tp} moe_ep={layout.moe_ep}"
-    print(f"wrote {args.format} checkpoint at {args.out}{where}")
+    convert(args.model, args.out, args.format, workers=args.workers)
+    print(f"wrote {args.format} checkpoint at {args.out}")
     return 0
 
 
@@ -160,15 +152,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     manifest = verify(args.dir, checksums=not args.no_checksums)
     print(f"ok: {args.dir} is a complete {manifest['format']} conversion ({len(manifest['files'])} "
-          f"files, {len(manifest['tensors'])} tensors, layout {manifest['layout']})")
-    return 0
-
-
-def cmd_reshard(args: argparse.Namespace) -> int:
-    from .convert import reshard
-
-    reshard(args.source, args.out, _layout(args))
-    print(f"wrote {args.out}, pre-sharded for tp={args.tp} moe_ep={args.moe_ep}")
+          f"files, {len(manifest['tensors'])} tensors)")
     return 0
 
 
@@ -275,13 +259,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return 2
 
 
-def _layout_args(p: argparse.ArgumentParser, required: bool) -> None:
-    p.add_argument("--tp", type=int, required=required,
-                   help="pre-shard for this many tensor-parallel ranks (one file per rank)")
-    p.add_argument("--lnc", type=int, default=2, help="logical NeuronCore size (trn2: 1 or 2)")
-    p.add_argument("--moe-ep", type=int, default=1, help="expert-parallel groups for routed experts")
-
-
 def build_parser() -> argparse.ArgumentParser:
     from .convert import FORMATS
     from .tiny import DEFAULT_PRESET, PRESETS
@@ -301,7 +278,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", type=Path, required=True, help="Hugging Face checkpoint directory")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--format", choices=FORMATS, required=True)
-    _layout_args(p, required=False)
     p.add_argument("--workers", type=int, default=1, help="parallel worker processes")
     p.set_defaults(func=cmd_convert)
 
@@ -309,12 +285,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir", type=Path)
     p.add_argument("--no-checksums", action="store_true", help="sizes and headers only (fast)")
     p.set_defaults(func=cmd_verify)
-
-    p = sub.add_parser("reshard", help="re-slice a neuron-fp8 conversion for another layout")
-    p.add_argument("--from", dest="source", type=Path, required=True)
-    p.add_argument("--out", type=Path, required=True)
-    _layout_args(p, required=True)
-    p.set_defaults(func=cmd_reshard)
 
     p = sub.add_parser("demo", help="serve a tiny Kimi-K2 model with vLLM on CPU, through this plugin")
     p.add_argument("--dir", type=Path, default=cache_home(), help="where tiny checkpoints are kept")

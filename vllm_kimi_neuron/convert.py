@@ -1,5 +1,8 @@
-"""Offline checkpoint conversion: block-FP8 Kimi-K2 -> ``bf16`` or ``neuron-fp8``, optionally
-pre-sharded per rank; plus ``verify`` and ``reshard``.
+"""Offline checkpoint conversion: block-FP8 Kimi-K2 -> ``bf16`` or ``neuron-fp8``; plus ``verify``.
+
+The ``neuron-fp8`` output is one unsharded checkpoint in NxD's names and dtypes: NxDI's own compile
+shards it per rank (``save_sharded_checkpoint``: NxD's ``ModelBuilder.shard_checkpoint``, which also
+writes the per-rank state NxD modules need), and later starts load those shards.
 
 Work is split into groups (one per decoder layer, one for embeddings/norm/lm_head). A group is read
 tensor by tensor from the input shards (a layer may span two), converted, written under a temporary
@@ -25,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 
 from . import __version__
 from .checkpoint import (
@@ -35,7 +37,6 @@ from .checkpoint import (
     TensorEntry,
     file_digest,
     is_out_of_space,
-    merge_safetensors,
     out_of_space_error,
     read_header,
     write_index,
@@ -44,12 +45,11 @@ from .checkpoint import (
 )
 from .config import KimiConfig
 from .fp8 import FP8_DTYPE, SCALE_SUFFIX, dequantize_blockwise, quantize_per_channel
-from .layout import EXPERTS, ParallelLayout, neuron_names
+from .layout import EXPERTS, neuron_names
 
 FORMATS = ("bf16", "neuron-fp8")
 MANIFEST = "kimi_neuron_manifest.json"
 STATE = ".kimi-convert"
-RANK_FILE = "weights/tp{rank}_sharded_checkpoint.safetensors"
 _DTYPE_NAMES = {"BF16": "bf16", "F32": "fp32", "F8_E4M3": "fp8", "F16": "fp16"}
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
@@ -201,7 +201,6 @@ class _Job:
     src: str
     dst: str
     fmt: str
-    layout: dict[str, int] | None
     group: Group
     file_name: str
 
@@ -214,31 +213,19 @@ def _run_group(job: _Job) -> dict[str, Any]:
     reader = _Reader(CheckpointIndex.open(job.src), cfg)
     convert_fn = _bf16_group if job.fmt == "bf16" else _neuron_group
     tensors = dict(convert_fn(reader, job.group))
-    dst = Path(job.dst)
-    files: dict[str, Path] = {}
-    if job.layout is None:
-        files[job.file_name] = dst / job.file_name
-        outputs = {job.file_name: tensors}
-    else:
-        layout = ParallelLayout(**job.layout)
-        outputs = {}
-        for rank in range(layout.tp):
-            rel = f"{STATE}/parts/{job.group.key}.rank{rank:03d}.safetensors"
-            files[rel] = dst / rel
-            outputs[rel] = {n: layout.shard(n, t, rank) for n, t in tensors.items()}
-    for rel, part in outputs.items():
-        try:
-            write_shard(files[rel], part)
-        except OSError as exc:
-            if is_out_of_space(exc):
-                raise out_of_space_error(files[rel], exc) from None
-            raise
+    path = Path(job.dst) / job.file_name
+    try:
+        write_shard(path, tensors)
+    except OSError as exc:
+        if is_out_of_space(exc):
+            raise out_of_space_error(path, exc) from None
+        raise
     record = {
-        "files": {rel: file_digest(path) for rel, path in files.items()},
+        "files": {job.file_name: file_digest(path)},
         "tensors": {n: [_dtype_name(t), list(t.shape)] for n, t in tensors.items()},
         "bytes_in": reader.bytes_read,
     }
-    write_json(dst / STATE / "done" / f"{job.group.key}.json", record)
+    write_json(Path(job.dst) / STATE / "done" / f"{job.group.key}.json", record)
     return record
 
 
@@ -269,10 +256,11 @@ class Progress:
             print(file=sys.stderr)
 
 
-def _plan_record(src: Path, fmt: str, layout: ParallelLayout | None) -> dict[str, Any]:
+def _plan_record(src: Path, fmt: str) -> dict[str, Any]:
     return {
         "format": fmt,
-        "layout": None if layout is None else layout.to_dict(),
+        # Always null: kept so that conversions made while pre-sharding existed are still recognised.
+        "layout": None,
         "source": {
             "path": str(src.resolve()),
             "config_sha256": file_digest(src / "config.json")["sha256"],
@@ -309,7 +297,6 @@ def convert(
     src: str | Path,
     dst: str | Path,
     fmt: str,
-    layout: ParallelLayout | None = None,
     workers: int = 1,
     show_progress: bool = True,
     on_progress: ProgressFn | None = None,
@@ -321,16 +308,12 @@ def convert(
     src, dst = Path(src), Path(dst)
     if fmt not in FORMATS:
         raise CheckpointError(f"unknown format {fmt!r}; choose one of {FORMATS}")
-    if layout is not None and fmt != "neuron-fp8":
-        raise CheckpointError("pre-sharding (--tp) applies to --format neuron-fp8 only")
     cfg = KimiConfig.from_dir(src)
     if cfg.quantization is None:
         raise CheckpointError(f"{src / 'config.json'} has no quantization_config: nothing to convert")
-    if layout is not None:
-        layout.check(cfg)
     index = CheckpointIndex.open(src)
     groups = plan_groups(index, cfg)
-    plan = _plan_record(src, fmt, layout)
+    plan = _plan_record(src, fmt)
     if (dst / MANIFEST).exists() and (dst / STATE / "plan.json").exists() and \
             json.loads((dst / STATE / "plan.json").read_text()) == plan:
         print(f"{dst} is already a complete conversion; nothing to do", file=sys.stderr)
@@ -343,8 +326,7 @@ def convert(
     if progress is not None and len(todo) < len(groups):
         progress.update(sum(sizes[g.key] for g in groups if g not in todo),
                         f"(resumed: {len(groups) - len(todo)} groups already done)")
-    jobs = [_Job(str(src), str(dst), fmt, None if layout is None else layout.to_dict(), g,
-                 _group_file(fmt, g, groups.index(g), len(groups))) for g in todo]
+    jobs = [_Job(str(src), str(dst), fmt, g, _group_file(fmt, g, groups.index(g), len(groups))) for g in todo]
     total = sum(sizes.values())
     done = [total - sum(sizes[g.key] for g in todo)]
 
@@ -366,8 +348,6 @@ def convert(
     for g in groups:
         files.update(records[g.key]["files"])
         tensors.update(records[g.key]["tensors"])
-    if layout is not None:
-        files = _merge_ranks(dst, layout, groups)
     _finish(src, dst, plan, files, tensors)
     return dst
 
@@ -408,41 +388,18 @@ def _run_jobs(jobs: list[_Job], workers: int, on_done: Callable[[_Job], object])
                 on_done(futures[fut])
 
 
-def _merge_ranks(dst: Path, layout: ParallelLayout, groups: list[Group]) -> dict[str, Any]:
-    """Join each rank's per-group parts into its single file, then drop the parts."""
-    (dst / "weights").mkdir(exist_ok=True)
-    files: dict[str, Any] = {}
-    for rank in range(layout.tp):
-        rel = RANK_FILE.format(rank=rank)
-        marker = dst / STATE / "done" / f"rank{rank:03d}.json"
-        if not marker.exists():
-            parts = [dst / f"{STATE}/parts/{g.key}.rank{rank:03d}.safetensors" for g in groups]
-            try:
-                merge_safetensors(parts, dst / rel)
-            except OSError as exc:
-                if is_out_of_space(exc):
-                    raise out_of_space_error(dst / rel, exc) from None
-                raise
-            write_json(marker, file_digest(dst / rel))
-        files[rel] = json.loads(marker.read_text())
-    shutil.rmtree(dst / STATE / "parts", ignore_errors=True)
-    return files
-
-
 def _finish(src: Path, dst: Path, plan: dict[str, Any], files: dict[str, Any],
             tensors: dict[str, Any]) -> None:
-    """Copy tokenizer and other small files, write the index (unsharded output) and config.json,
-    then the manifest: last, because its presence is what marks the directory complete."""
+    """Copy tokenizer and other small files, write the index and config.json, then the manifest:
+    last, because its presence is what marks the directory complete."""
     for item in sorted(src.iterdir()):
         if item.is_file() and not item.name.endswith(".safetensors") and item.name not in (
                 INDEX_NAME, "config.json", MANIFEST):
             shutil.copy2(item, dst / item.name)
-    if plan["layout"] is None:
-        weight_map = {}
-        for rel in files:
-            header = read_header(dst / rel)
-            weight_map.update(dict.fromkeys(header, rel))
-        write_index(dst, weight_map, sum(int(f["bytes"]) for f in files.values()))
+    weight_map = {}
+    for rel in files:
+        weight_map.update(dict.fromkeys(read_header(dst / rel), rel))
+    write_index(dst, weight_map, sum(int(f["bytes"]) for f in files.values()))
     raw = json.loads((src / "config.json").read_text())
     if plan["format"] == "bf16":
         raw.pop("quantization_config", None)
@@ -498,7 +455,10 @@ def verify(root: str | Path, checksums: bool = True) -> dict[str, Any]:
         for name in sorted(tensors.keys() & expected.keys()):
             if tensors[name] != expected[name]:
                 problems.append(f"tensor {name}: {tensors[name]} but the config needs {expected[name]}")
-    layout = None if manifest["layout"] is None else ParallelLayout(**manifest["layout"])
+    if manifest["layout"] is not None:
+        problems.append(f"pre-sharded for {manifest['layout']} by an earlier vllm-kimi-neuron: nothing "
+                        "loads that layout any more (NxDI's compile shards the unsharded conversion); "
+                        "convert again")
     safetensors_files = [rel for rel in manifest["files"] if rel.endswith(".safetensors")
                          and (root / rel).exists()]
     seen: dict[str, int] = {}
@@ -510,74 +470,15 @@ def verify(root: str | Path, checksums: bool = True) -> dict[str, Any]:
                 problems.append(f"{rel}: tensor {name} is not in the manifest")
                 continue
             dtype, shape = tensors[name]
-            want_shape = shape if layout is None else layout.shard_shape(name, shape)
             got = (_DTYPE_NAMES.get(info.dtype, info.dtype), info.shape)
-            if got != (dtype, want_shape):
-                problems.append(f"{rel}: tensor {name} is {got}, expected {(dtype, want_shape)}")
-    copies = 1 if layout is None else layout.tp
+            if got != (dtype, shape):
+                problems.append(f"{rel}: tensor {name} is {got}, expected {(dtype, shape)}")
     for name in sorted(tensors):
-        if seen.get(name, 0) != copies:
-            problems.append(f"tensor {name}: found in {seen.get(name, 0)} files, expected {copies}")
+        if seen.get(name, 0) != 1:
+            problems.append(f"tensor {name}: found in {seen.get(name, 0)} files, expected 1")
     if problems:
         raise VerifyError(f"{root}: {len(problems)} problem(s):\n  " + "\n  ".join(problems))
     return manifest
-
-
-# -- reshard --------------------------------------------------------------------------------------
-
-def _open_ranks(root: Path, layout: ParallelLayout) -> list[Any]:
-    return [safe_open(str(root / RANK_FILE.format(rank=r)), framework="pt") for r in range(layout.tp)]
-
-
-def reshard(src: str | Path, dst: str | Path, layout: ParallelLayout, show_progress: bool = True) -> Path:
-    """Re-slice a finished neuron-fp8 conversion for another layout, without the HF checkpoint."""
-    src, dst = Path(src), Path(dst)
-    manifest = verify(src, checksums=False)
-    if manifest["format"] != "neuron-fp8":
-        raise CheckpointError(f"{src}: reshard needs a neuron-fp8 conversion, not {manifest['format']}")
-    cfg = KimiConfig.from_dir(src)
-    layout.check(cfg)
-    old = None if manifest["layout"] is None else ParallelLayout(**manifest["layout"])
-    plan = {**{k: manifest[k] for k in ("format", "source")}, "layout": layout.to_dict(),
-            "resharded_from": str(src.resolve())}
-    if (dst / MANIFEST).exists() and json.loads((dst / STATE / "plan.json").read_text()) == plan:
-        print(f"{dst} is already a complete reshard; nothing to do", file=sys.stderr)
-        return dst
-    _start_state(dst, plan)
-    tensors = manifest["tensors"]
-    by_group: dict[str, list[str]] = {}
-    for name in tensors:
-        m = re.match(r"layers\.(\d+)\.", name)
-        by_group.setdefault(f"layer-{int(m.group(1)):03d}" if m else "globals", []).append(name)
-    groups = [Group(k, None, tuple(sorted(v))) for k, v in sorted(by_group.items())]
-    index = None if old is not None else CheckpointIndex.open(src)
-    handles = _open_ranks(src, old) if old is not None else []
-    total = sum(int(f["bytes"]) for rel, f in manifest["files"].items() if rel.endswith(".safetensors"))
-    progress = Progress(total, "reshard") if show_progress else None
-    for g in groups:
-        marker = dst / STATE / "done" / f"{g.key}.json"
-        if not marker.exists():
-            full: dict[str, torch.Tensor] = {}
-            for name in g.names:
-                if old is None:
-                    assert index is not None
-                    full[name] = index.load([name])[name]
-                else:
-                    full[name] = old.unshard(name, [h.get_tensor(name) for h in handles])
-            files = {}
-            for rank in range(layout.tp):
-                rel = f"{STATE}/parts/{g.key}.rank{rank:03d}.safetensors"
-                write_shard(dst / rel, {n: layout.shard(n, t, rank) for n, t in full.items()})
-                files[rel] = file_digest(dst / rel)
-            write_json(marker, {"files": files,
-                                "tensors": {n: tensors[n] for n in g.names}, "bytes_in": 0})
-        if progress is not None:
-            progress.update(sum(tensor_bytes(tensors[n]) for n in g.names), g.key)
-    if progress is not None:
-        progress.close()
-    files = _merge_ranks(dst, layout, groups)
-    _finish(src, dst, plan, files, tensors)
-    return dst
 
 
 def tensor_bytes(entry: list[Any]) -> int:

@@ -1,4 +1,5 @@
-"""The ``neuron-fp8`` checkpoint layout: tensor names, dtypes, and how each splits across ranks.
+"""The ``neuron-fp8`` checkpoint layout: tensor names, dtypes, and how NxD splits each across ranks
+(which the planner's HBM budget counts; NxDI's compile does the splitting).
 
 This is what the NxDI Kimi-K2 model loads without any conversion at load time. Names follow the
 NxD modules the model is built from (``model.`` prefix dropped, experts under
@@ -17,20 +18,15 @@ NxD modules the model is built from (``model.`` prefix dropped, experts under
 | routed ``down_proj.scale`` [E, 1, H] | fp32 | experts over EP; replicated over MoE-TP |
 | ``q_a_proj``, ``kv_a_proj_with_mqa``, router, ``selection_bias``, norms | bf16 / fp32 | replicated |
 
-(1) experts along dim 0 over EP groups; dim 2 over MoE-TP ranks, the gate and up halves split
-separately (stride 2) so every rank gets matching gate and up columns. ``q_a_proj`` and
+(1) experts along dim 0 over EP groups; dim 2 over MoE-TP ranks (NxD splits the gate and up
+halves separately, so every rank gets matching gate and up columns). ``q_a_proj`` and
 ``kv_a_proj_with_mqa`` are small and feed every head, so each rank keeps them whole.
-
-Rank ``r`` holds MoE-TP index ``r % moe_tp`` of expert group ``r // moe_tp``, where
-``moe_tp = tp / moe_ep``.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-
-import torch
 
 from .config import KimiConfig
 
@@ -45,11 +41,10 @@ class LayoutError(ValueError):
 
 @dataclass(frozen=True)
 class Split:
-    """How one tensor is cut: along ``dim`` over (MoE-)TP ranks, ``stride`` interleaved sections,
-    and along dim 0 over expert-parallel groups when ``expert_parallel``."""
+    """How one tensor is cut: along ``dim`` over (MoE-)TP ranks, and along dim 0 over
+    expert-parallel groups when ``expert_parallel``."""
 
     dim: int | None
-    stride: int = 1
     expert_parallel: bool = False
 
 
@@ -61,9 +56,9 @@ _RULES: list[tuple[re.Pattern[str], Split]] = [
     (re.compile(r"self_attn\.o_proj\.weight$"), Split(1)),
     (re.compile(r"mlp\.(shared_experts\.)?(gate|up)_proj\.weight$"), Split(0)),
     (re.compile(r"mlp\.(shared_experts\.)?down_proj\.weight$"), Split(1)),
-    (re.compile(re.escape(EXPERTS) + r"gate_up_proj\.(weight|scale)$"), Split(2, 2, True)),
-    (re.compile(re.escape(EXPERTS) + r"down_proj\.weight$"), Split(1, 1, True)),
-    (re.compile(re.escape(EXPERTS) + r"down_proj\.scale$"), Split(None, 1, True)),
+    (re.compile(re.escape(EXPERTS) + r"gate_up_proj\.(weight|scale)$"), Split(2, True)),
+    (re.compile(re.escape(EXPERTS) + r"down_proj\.weight$"), Split(1, True)),
+    (re.compile(re.escape(EXPERTS) + r"down_proj\.scale$"), Split(None, True)),
 ]
 
 
@@ -146,57 +141,6 @@ class ParallelLayout:
     def moe_tp(self) -> int:
         return self.tp // self.moe_ep
 
-    def check(self, cfg: KimiConfig) -> None:
-        """Refuse layouts whose splits would not divide the model's dimensions evenly."""
-        needs = {
-            "num_attention_heads": (cfg.num_attention_heads, self.tp),
-            "vocab_size": (cfg.vocab_size, self.tp),
-            "hidden_size": (cfg.hidden_size, self.tp),
-            "intermediate_size": (cfg.intermediate_size, self.tp),
-            "moe_intermediate_size * n_shared_experts":
-                (cfg.moe_intermediate_size * cfg.n_shared_experts, self.tp),
-            "moe_intermediate_size": (cfg.moe_intermediate_size, self.moe_tp),
-            "n_routed_experts": (cfg.n_routed_experts, self.moe_ep),
-        }
-        bad = [f"{k}={n} is not divisible by {d}" for k, (n, d) in needs.items() if n % d]
-        if bad:
-            raise LayoutError(f"tp={self.tp}, moe_ep={self.moe_ep} does not fit the model: " + "; ".join(bad))
-
-    def _coords(self, rank: int) -> tuple[int, int]:
-        return rank // self.moe_tp, rank % self.moe_tp
-
-    def shard(self, name: str, tensor: torch.Tensor, rank: int) -> torch.Tensor:
-        """The slice of ``tensor`` that ``rank`` holds (a contiguous copy)."""
-        rule = split_rule(name)
-        part = tensor
-        ways, index = self.tp, rank
-        if rule.expert_parallel:
-            ep_rank, index = self._coords(rank)
-            part = part.chunk(self.moe_ep, dim=0)[ep_rank]
-            ways = self.moe_tp
-        if rule.dim is not None:
-            sections = part.chunk(rule.stride, dim=rule.dim)
-            part = torch.cat([s.chunk(ways, dim=rule.dim)[index] for s in sections], dim=rule.dim)
-        return part.contiguous()
-
-    def unshard(self, name: str, parts: list[torch.Tensor]) -> torch.Tensor:
-        """Inverse of :meth:`shard`: the full tensor from every rank's slice, in rank order."""
-        if len(parts) != self.tp:
-            raise LayoutError(f"{name}: expected {self.tp} rank slices, got {len(parts)}")
-        rule = split_rule(name)
-
-        def join_tp(slices: list[torch.Tensor]) -> torch.Tensor:
-            if rule.dim is None:
-                return slices[0]
-            per_rank = [s.chunk(rule.stride, dim=rule.dim) for s in slices]
-            return torch.cat([torch.cat([p[k] for p in per_rank], dim=rule.dim)
-                              for k in range(rule.stride)], dim=rule.dim)
-
-        if not rule.expert_parallel:
-            return join_tp(parts)
-        groups = [parts[g * self.moe_tp:(g + 1) * self.moe_tp] for g in range(self.moe_ep)]
-        return torch.cat([join_tp(g) for g in groups], dim=0)
-
     def shard_shape(self, name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
         rule = split_rule(name)
         out = list(shape)
@@ -205,6 +149,3 @@ class ParallelLayout:
         if rule.dim is not None:
             out[rule.dim] //= self.moe_tp if rule.expert_parallel else self.tp
         return tuple(out)
-
-    def to_dict(self) -> dict[str, int]:
-        return {"tp": self.tp, "moe_ep": self.moe_ep, "lnc": self.lnc}
