@@ -268,6 +268,8 @@ def test_non_continuous_batching_is_allowed_only_for_one_sequence() -> None:
     ({"tp_degree": 32}, "set --tensor-parallel-size 32 instead"),
     ({"moe_tp_degree": 32}, "moe_tp_degree*moe_ep_degree = 32*1 = 32 must equal tp_degree*ep_degree = 64"),
     ({"ep_degree": 2}, "= 64 must equal tp_degree*ep_degree = 128"),
+    ({"ep_degree": 2, "moe_tp_degree": 32, "moe_ep_degree": 4},
+     "only moe_tp_degree = tp_degree and moe_ep_degree = ep_degree is shown correct"),
     ({"world_size": 32}, "world_size=32 but tp_degree*ep_degree is 64"),
     ({"logical_nc_config": 3}, "logical_nc_config=3: a trn2 logical NeuronCore is 1 or 2"),
     ({"logical_nc_config": 1}, "blockwise_matmul_config.logical_nc_config=2 but logical_nc_config is 1"),

@@ -80,7 +80,7 @@ def test_tp32_uses_whole_model_expert_parallelism_and_the_decode_patch() -> None
     note = plan.notes[0]
     assert "8*8/384 = 0.17" in note and "Selective Loading with Expert parallelism is not supported" in note
     assert "all 192 local experts" in note and "--max-num-seqs 48 or more needs no patch" in note
-    assert any("only layout with public correct output on SDK 2.29" in n for n in plan.notes)
+    assert any("prefill at this layout is unverified" in n and "PR #131" in n for n in plan.notes)
 
 
 def test_decode_patch_boundary_is_experts_over_top_k() -> None:

@@ -391,6 +391,11 @@ def _check_parallelism(defaults: Mapping[str, Any], m: dict[str, Any], problems:
     world = m["tp_degree"] * m["ep_degree"]
     if m.get("world_size", world) != world:
         problems.append(f"world_size={m['world_size']} but tp_degree*ep_degree is {world}; leave it out")
+    if m["ep_degree"] > 1 and (m["moe_tp_degree"], m["moe_ep_degree"]) != (m["tp_degree"], m["ep_degree"]):
+        problems.append(f"ep_degree={m['ep_degree']} with moe_tp_degree={m['moe_tp_degree']}, moe_ep_degree="
+                        f"{m['moe_ep_degree']}: with whole-model expert parallelism only moe_tp_degree = "
+                        "tp_degree and moe_ep_degree = ep_degree is shown correct (NxD/NxDI executed on CPU, "
+                        "tests/neuron_cpu); leave the moe_* degrees out")
     moe_world = m["moe_tp_degree"] * m["moe_ep_degree"]
     if moe_world != world:
         problems.append(f"moe_tp_degree*moe_ep_degree = {m['moe_tp_degree']}*{m['moe_ep_degree']} = "

@@ -463,10 +463,13 @@ def _kernel_notes(cfg: KimiConfig, layout: Layout) -> list[str]:
     per_rank = cfg.moe_intermediate_size // layout.moe_tp_degree
     notes = []
     if layout.moe_ep_degree > 1:
-        notes.append("expert parallelism is the less proven layout: NxDI PR #131 saw wrong prefill output "
-                     "from SDK 2.29's dynamic-while blockwise kernels at moe_ep 2 (then with blockwise FP8 "
-                     "scales); TP 64 with moe_ep_degree 1 is the only layout with public correct output on "
-                     "SDK 2.29. Run check-accuracy on this one before serving")
+        notes.append("expert parallelism: NxD/NxDI's own code runs this layout's model correctly on CPU "
+                     "(tests/neuron_cpu: tp 2 x ep 2 and tp 1 x ep 4 equal the reference), but CPU mode "
+                     "never runs the NKI kernels, and NxDI PR #131 saw wrong prefill output from SDK 2.29's "
+                     "dynamic-while blockwise kernels at moe_ep 2 on hardware (then with blockwise FP8 "
+                     "scales). Until a trn2 shows otherwise, prefill at this layout is unverified: run "
+                     "check-accuracy before serving; TP 64 (moe_ep_degree 1) is the layout with public "
+                     "correct output on SDK 2.29")
     reasons = []
     low, high = BLOCKWISE_HIDDEN
     if not low <= cfg.hidden_size <= high or cfg.hidden_size % BLOCKWISE_HIDDEN_MULTIPLE:

@@ -81,6 +81,11 @@ LAYOUTS = {
     "tp2": Layout("tp2", 2, stands_for="--tensor-parallel-size 64: tp_degree 64 x ep_degree 1"),
     "tp4": Layout("tp4", 4, stands_for="--tensor-parallel-size 64 with more ranks than heads per rank: "
                                        "one attention head per rank"),
+    "tp2-moe-ep2": Layout("tp2-moe-ep2", 2, {"moe_tp_degree": 1, "moe_ep_degree": 2},
+                          stands_for="--tensor-parallel-size 64 with override moe_ep_degree 2: expert "
+                                     "parallelism inside the tensor-parallel world (ep_degree 1)"),
+    "tp1-ep4": Layout("tp1-ep4", 1, {"ep_degree": 4},
+                      stands_for="--tensor-parallel-size 16: tp_degree 16 x ep_degree 4 (world 64)"),
     "tp2-ep2": Layout("tp2-ep2", 2, {"ep_degree": 2},
                       stands_for="--tensor-parallel-size 32: tp_degree 32 x ep_degree 2, routed experts "
                                  "moe_tp_degree 32 x moe_ep_degree 2 (world 64)"),

@@ -13,7 +13,7 @@ from nxdi_cpu import DECODE, PROMPTS
 # fp32 on both sides; what remains is summation order (NxD's sharded matmuls and all-reduces). Seen:
 # max |diff| / max |logit| about 1.2e-6 for every layout.
 REL_TOLERANCE = 1e-5
-LAYOUTS = ["tp1", "tp2", "tp4", "tp2-ep2"]
+LAYOUTS = ["tp1", "tp2", "tp4", "tp2-moe-ep2", "tp1-ep4", "tp2-ep2"]
 
 
 def _rows(logits: dict[str, torch.Tensor]) -> torch.Tensor:
