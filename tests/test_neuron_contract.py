@@ -148,6 +148,9 @@ def test_keyword_arguments_of_upstream_calls_exist() -> None:
 # Methods of our subclasses that are ours alone (everything else must override something upstream),
 # and classes only our own code constructs (their __init__ need not take upstream's parameters).
 OWN_METHODS = {"_weights"}
+# torch.nn.Module methods the model overrides (torch is not in the NxD/NxDI manifests): checked
+# against the installed torch.
+TORCH_MODULE_METHODS = {"_apply"}
 CONSTRUCTED_BY_US = {"KimiRouter"}
 
 
@@ -162,6 +165,15 @@ def test_overridden_methods_exist_upstream_with_compatible_parameters() -> None:
             chain = [c for module, name in upstream for c in _class_chain(module, name)]
             for fn in (n for n in cls.body if isinstance(n, ast.FunctionDef)):
                 theirs = next((c["methods"][fn.name] for c in chain if fn.name in c["methods"]), None)
+                if theirs is None and fn.name in TORCH_MODULE_METHODS:
+                    import inspect
+
+                    import torch
+
+                    ours = [a.arg for a in fn.args.args]
+                    if ours != list(inspect.signature(getattr(torch.nn.Module, fn.name)).parameters):
+                        problems.append(f"{path.name}: {cls.name}.{fn.name} takes {ours}, not torch's")
+                    continue
                 if theirs is None:
                     if fn.name not in OWN_METHODS:
                         problems.append(f"{path.name}: {cls.name}.{fn.name} overrides nothing upstream")

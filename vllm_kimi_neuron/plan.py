@@ -134,7 +134,8 @@ class Budget:
             (f"KV cache: {self.kv_detail}", self.kv_cache, self.kv_cache),
             (f"prefill attention scores at {self.prefill_tokens} tokens (estimate)", self.attention_scores,
              None),
-            ("other activations: hidden states, router, logits (estimate)", self.other_activations, None),
+            ("other activations: hidden, router, logits, dequantised experts (estimate)",
+             self.other_activations, None),
             (f"runtime reserve (estimate, {RUNTIME_RESERVE_GIB:g} GiB)", self.reserve, None),
             ("total", self.total, None),
             ("capacity", self.capacity, None),
@@ -202,8 +203,11 @@ def activation_bytes(cfg: KimiConfig, layout: Layout, nc: Mapping[str, Any]) -> 
     """(attention scores, everything else) for the longest prefill, per core; an estimate.
 
     The prefill form of MLA materialises fp32 scores ``[heads per core, T, T]`` plus a ``[T, T]``
-    mask; the rest is hidden-state copies, router scores ``[T, experts]`` and the decode step's
-    full-vocabulary fp32 logits, which CPU sampling gathers on every core.
+    mask; the rest is hidden-state copies, router scores ``[T, experts]``, the decode step's
+    full-vocabulary fp32 logits, which CPU sampling gathers on every core, and one MoE layer's local
+    experts dequantised to the model dtype: NxD's blockwise prefill takes the expert-wise scales
+    ``[E, 1, out]`` for blockwise ones and dequantises every local expert before its kernel (NxD
+    ``modules/moe/blockwise.py``; read from the source, not measured).
     """
     tokens = prefill_tokens(nc)
     heads = cfg.num_attention_heads // layout.tp_degree
@@ -212,7 +216,10 @@ def activation_bytes(cfg: KimiConfig, layout: Layout, nc: Mapping[str, Any]) -> 
     hidden = HIDDEN_STATE_COPIES * tokens * cfg.hidden_size * act
     router = 2 * tokens * cfg.n_routed_experts * 4
     logits = nc["tkg_batch_size"] * cfg.vocab_size * 4
-    return scores, hidden + router + logits
+    local_experts = cfg.n_routed_experts // layout.moe_ep_degree
+    per_rank = cfg.moe_intermediate_size // layout.moe_tp_degree
+    dequantised = local_experts * 3 * cfg.hidden_size * per_rank * act
+    return scores, hidden + router + logits + dequantised
 
 
 def budget(cfg: KimiConfig, machine: Instance, layout: Layout, nc: Mapping[str, Any]) -> Budget:
@@ -480,6 +487,11 @@ def _kernel_notes(cfg: KimiConfig, layout: Layout) -> list[str]:
                        f"{BLOCKWISE_INTERMEDIATE_MULTIPLE}")
     if layout.lnc != 2:
         reasons.append("the kernels exist only for LNC 2")
+    notes.append("prefill MoE (read from NxD 0.18's source, not run): the blockwise path treats the "
+                 "expert-wise FP8 scales [E, 1, out] as blockwise, dequantises each layer's local experts "
+                 "to bf16 before its kernel (counted under other activations), and runs the kernel in bf16 "
+                 f"with {cfg.num_experts_per_tok} experts per token, which the FP8 kernel would not take "
+                 "('lnc=2 blockwise kernel does not support multi expert per token')")
     if reasons:
         notes.append("prefill MoE: NxD's blockwise NKI kernel cannot run here (" + "; ".join(reasons)
                      + "), so NxD uses its PyTorch blockwise path: slower, and NxDI PR #131 reports it "
