@@ -9,7 +9,6 @@ naming the command that runs them; ``.ci/run`` fails if any of them skipped in C
 from __future__ import annotations
 
 import importlib.util
-import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -70,11 +69,11 @@ def run_layout(tiny: dict[str, Path]) -> Callable[[str], dict[str, Any]]:
     """``run_layout(name)``: NxDI's sharding of the conversion for that layout, then its ranks under
     torchrun; returns what rank 0 saved (cached per layout for the session)."""
     import torch
-    from nxdi_cpu import DECODE, LAYOUTS, MAX_MODEL_LEN, MAX_NUM_SEQS, PROMPTS
+    from nxdi_cpu import DECODE, LAYOUTS, MAX_MODEL_LEN, MAX_NUM_SEQS, PROMPTS, Script
 
     done: dict[str, dict[str, Any]] = {}
     script = tiny["root"] / "script.json"
-    script.write_text(json.dumps({"prompts": PROMPTS, "decode": DECODE}))
+    script.write_text(Script(PROMPTS, DECODE).to_json())
 
     def go(name: str) -> dict[str, Any]:
         if name not in done:

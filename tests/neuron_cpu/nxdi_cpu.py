@@ -240,13 +240,6 @@ def init_ranks(nc: dict[str, Any]) -> int:
     return dist.get_rank()
 
 
-@dataclass
-class Loaded:
-    app: Any
-    rank: int
-    missing: dict[str, list[str]]  # per submodel: module state the shard file does not hold
-
-
 def _device_module(wrapper: Any) -> Any:
     """A submodel as NxD's ModelBuilder.trace builds it: NxDI's ``DecoderModelInstance.load_module()``
     (dtype casting, quantized expert layers) in AOT mode, which skips initialising weights on the
@@ -272,9 +265,9 @@ def device_dtypes(app: Any) -> dict[str, dict[str, str]]:
     return out
 
 
-def load_rank(app: Any, compiled: Path, rank: int) -> Loaded:
+def load_rank(app: Any, compiled: Path, rank: int) -> dict[str, list[str]]:
     """Every submodel built by NxDI's ``DecoderModelInstance.load_module()`` and loaded with this
-    rank's shard as NxD wrote it."""
+    rank's shard as NxD wrote it; returns, per submodel, the module state the shard does not hold."""
     from safetensors.torch import load_file
 
     os.environ["NXD_CPU_MODE"] = "1"
@@ -293,7 +286,7 @@ def load_rank(app: Any, compiled: Path, rank: int) -> Loaded:
             k.endswith(".master_weight") and state[k] is state[k.removesuffix("master_weight") + "weight"])]
         wrapper.model = module
     app.eval()
-    return Loaded(app, rank, missing)
+    return missing
 
 
 @dataclass(frozen=True)

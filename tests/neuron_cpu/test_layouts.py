@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import torch
 from nxdi_cpu import DECODE, PROMPTS
+from nxdi_cpu import LAYOUTS as NXDI_LAYOUTS
 
 # fp32 on both sides; what remains is summation order (NxD's sharded matmuls and all-reduces). Seen:
 # max |diff| / max |logit| about 1.2e-6 for every layout.
@@ -33,8 +34,9 @@ def test_logits_equal_reference_on_the_served_weights(layout: str, run_layout: A
     served = compare(result["logits"], reference["served"])
     original = compare(result["logits"], reference["fp8"])
     conversion = compare(reference["served"], reference["fp8"])
-    print(f"\n{layout}: vs reference on the served weights {served}; vs the original checkpoint {original} "
-          f"(the conversion alone, reference vs reference: {conversion})")
+    print(f"\n{layout} ({NXDI_LAYOUTS[layout].stands_for}): vs reference on the served weights {served}; "
+          f"vs the original checkpoint {original} (the conversion alone, reference vs reference: "
+          f"{conversion})")
     assert served["max_rel"] < REL_TOLERANCE, served
     assert served["top1"] == served["rows"], served
     # Against the original checkpoint the NxDI model is off by exactly what the conversion costs.

@@ -41,10 +41,10 @@ def main(argv: list[str]) -> None:
         return
     script = nxdi_cpu.Script.from_json(Path(argv[7]).read_text())
     rank = nxdi_cpu.init_ranks(nc)
-    loaded = nxdi_cpu.load_rank(app, Path(compiled), rank)
+    missing = nxdi_cpu.load_rank(app, Path(compiled), rank)
     logits = nxdi_cpu.run_script(app, script)
     if rank == 0:
-        torch.save({"logits": logits, "missing": loaded.missing, "patches": patches}, argv[8])
+        torch.save({"logits": logits, "missing": missing, "patches": patches}, argv[8])
 
 
 if __name__ == "__main__":
