@@ -199,3 +199,5 @@ def test_shipped_serve_arguments_are_a_plan_that_fits() -> None:
     plan = make_plan(KimiConfig(), "trn2.48xlarge", flags["--tensor-parallel-size"], flags["--max-num-seqs"],
                      flags["--max-model-len"])
     assert plan.budget.headroom >= 0
+    # Kimi's tokenizer is remote code: the plugin refuses a start without the flag, naming it.
+    assert "--trust-remote-code" in env["VLLM_SERVE_ARGS"].split()
