@@ -113,15 +113,11 @@ def neuron_config(model_dir: Path, converted: Path, layout: Layout, max_num_seqs
 
 def build_application(model_dir: Path, nc: dict[str, Any]) -> Any:
     """``NeuronKimiK2ForCausalLM`` with its config made by NxDI's own classes, as vllm-neuron does."""
-    from neuronx_distributed_inference.models.config import MoENeuronConfig
-    from neuronx_distributed_inference.utils.hf_adapter import load_pretrained_config
-
     from vllm_kimi_neuron.neuron.hooks import register_kimi_hf_config
-    from vllm_kimi_neuron.neuron.modeling import KimiK2InferenceConfig, NeuronKimiK2ForCausalLM
+    from vllm_kimi_neuron.neuron.modeling import NeuronKimiK2ForCausalLM, inference_config
 
     register_kimi_hf_config()
-    config = KimiK2InferenceConfig(MoENeuronConfig(**nc), load_config=load_pretrained_config(str(model_dir)))
-    return NeuronKimiK2ForCausalLM(str(model_dir), config)
+    return NeuronKimiK2ForCausalLM(str(model_dir), inference_config(model_dir, nc))
 
 
 def shard_like_compile(app: Any, compiled: Path) -> None:

@@ -369,13 +369,18 @@ class NeuronKimiK2ForCausalLM(NeuronBaseForCausalLM):
         return state_dict  # already in NxD's layout; see checkpoint_loader_fn
 
 
+def inference_config(model_dir: str | Path, neuron_config: dict[str, Any]) -> KimiK2InferenceConfig:
+    """The NxDI config for this request, built as vllm-neuron's loader builds it (NxDI's
+    ``MoENeuronConfig`` and ``load_pretrained_config`` over the checkpoint's config.json)."""
+    return KimiK2InferenceConfig(MoENeuronConfig(**neuron_config),
+                                 load_config=load_pretrained_config(str(model_dir)))
+
+
 def stored_neuron_config(model_dir: str | Path, neuron_config: dict[str, Any]) -> dict[str, Any]:
     """The ``neuron_config`` section NxDI's compile writes to ``neuron_config.json`` for this request:
     built by NxDI's own classes and serialisation (which rename keys and store objects by their
     ``__dict__``), so a stored config can be compared with a request like with like."""
-    config = KimiK2InferenceConfig(MoENeuronConfig(**neuron_config),
-                                   load_config=load_pretrained_config(str(model_dir)))
-    return json.loads(config.to_json_string())["neuron_config"]
+    return json.loads(inference_config(model_dir, neuron_config).to_json_string())["neuron_config"]
 
 
 def load_neuron_fp8(path: Path) -> dict[str, torch.Tensor]:
